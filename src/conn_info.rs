@@ -1,0 +1,15 @@
+//! What the listener knows about a connection that its requests need: the
+//! peer's address and whether TLS was used (and for which name). The
+//! listener attaches it to every request as an extension.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The socket peer, IPv4-mapped addresses already shown as IPv4.
+    pub peer: SocketAddr,
+    pub https: bool,
+    /// The TLS server name the client asked for, if any.
+    pub sni: Option<Arc<str>>,
+}

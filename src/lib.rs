@@ -1,0 +1,29 @@
+//! reverse-proxy: a TLS-terminating reverse proxy for a few self-hosted
+//! sites on one machine.
+//!
+//! The path of a request, and the module that handles each step:
+//!
+//! - [`server`]: accept (connection limit, accept back-off), HTTP/1.1 and
+//!   HTTP/2 via hyper-util, timeouts, idle close, graceful drain.
+//! - [`router`]: the request pipeline: `/health`, then the proxy.
+//! - [`client_ip`]: who the client is (trusted proxies, `X-Forwarded-For`).
+//! - [`proxy`]: host routing, header rewriting, streaming to the upstream,
+//!   upgrades.
+//! - [`logging`]: the access lines and where they go.
+//!
+//! Around it: [`config`] (the file, validated into static and dynamic parts),
+//! [`state`] (the current dynamic snapshot, swapped on reload), [`daemon`]
+//! (binding and starting everything), [`lifecycle`] (signals, reload,
+//! systemd notifications, shutdown) and [`cli`] (arguments and exit codes).
+
+pub mod cli;
+pub mod client_ip;
+pub mod config;
+pub mod conn_info;
+pub mod daemon;
+pub mod lifecycle;
+pub mod logging;
+pub mod proxy;
+pub mod router;
+pub mod server;
+pub mod state;

@@ -1,0 +1,336 @@
+//! Log output: one line per event, `key=value` with a leading tag.
+//!
+//! Everything goes to stdout (journald). Events on the [`ACCESS`] target —
+//! `REQUEST`, `RATE_LIMIT`, `UPSTREAM_ERROR` — also go to the optional
+//! `access_log` file that fail2ban reads. Both writers are non-blocking: a
+//! slow terminal or a full disk drops lines instead of stalling requests.
+//! Values are quoted and escaped here, in one place, so a client cannot forge
+//! a line break or a second `client_ip=` through a path or a header.
+
+use std::fmt::{self, Write as _};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_appender::non_blocking::{NonBlocking, WorkerGuard};
+use tracing_subscriber::filter::{EnvFilter, filter_fn};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{Layer, fmt as tfmt};
+
+/// The tracing target of access lines, which the access log file receives.
+pub const ACCESS: &str = "access";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoggingError {
+    #[error("cannot open access log {}: {source}", path.display())]
+    AccessLog { path: PathBuf, source: io::Error },
+    #[error("invalid log level {filter:?}: {reason}")]
+    Filter { filter: String, reason: String },
+    #[error("a global logger is already installed")]
+    AlreadyInstalled,
+}
+
+/// Keeps the log writers alive and lets the access log be reopened.
+pub struct LogHandle {
+    access_log: Option<ReopenableFile>,
+    _guards: Vec<WorkerGuard>,
+}
+
+impl LogHandle {
+    /// Opens the access log path anew, so a file moved away by logrotate is
+    /// replaced by a fresh one. Called on SIGHUP.
+    pub fn reopen_access_log(&self) {
+        if let Some(file) = &self.access_log {
+            file.reopen();
+        }
+    }
+}
+
+/// Installs the global subscriber. `RUST_LOG`, when set, overrides `level`.
+pub fn init(level: &str, access_log: Option<&Path>) -> Result<LogHandle, LoggingError> {
+    let filter_text = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| level.to_owned());
+    let filter = EnvFilter::builder()
+        .parse(&filter_text)
+        .map_err(|e| LoggingError::Filter {
+            filter: filter_text.clone(),
+            reason: e.to_string(),
+        })?;
+    let (stdout, stdout_guard) = tracing_appender::non_blocking(io::stdout());
+    let mut guards = vec![stdout_guard];
+    let stdout_layer = line_layer(stdout).with_filter(filter);
+
+    let (file_layer, reopenable) = match access_log {
+        Some(path) => {
+            let file = ReopenableFile::open(path).map_err(|source| LoggingError::AccessLog {
+                path: path.to_owned(),
+                source,
+            })?;
+            let (writer, guard) = tracing_appender::non_blocking(file.clone());
+            guards.push(guard);
+            let layer = line_layer(writer).with_filter(filter_fn(|m| m.target() == ACCESS));
+            (Some(layer), Some(file))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(stdout_layer)
+        .with(file_layer)
+        .try_init()
+        .map_err(|_| LoggingError::AlreadyInstalled)?;
+    Ok(LogHandle {
+        access_log: reopenable,
+        _guards: guards,
+    })
+}
+
+fn line_layer<S>(writer: NonBlocking) -> impl Layer<S>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    tfmt::layer()
+        .event_format(LineFormat)
+        .with_ansi(false)
+        .with_writer(writer)
+}
+
+/// `2026-11-21T11:42:00.123456Z  INFO REQUEST client_ip=… host=…`
+struct LineFormat;
+
+impl<S, N> FormatEvent<S, N> for LineFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        SystemTime.format_time(&mut writer)?;
+        write!(writer, " {:>5} ", event.metadata().level().as_str())?;
+        let mut visitor = LineVisitor {
+            writer: &mut writer,
+            message_pass: true,
+            scratch: String::new(),
+            result: Ok(()),
+        };
+        event.record(&mut visitor);
+        visitor.message_pass = false;
+        event.record(&mut visitor);
+        visitor.result?;
+        writer.write_char('\n')
+    }
+}
+
+/// Writes the message (the tag) on a first pass, then every other field.
+struct LineVisitor<'a, 'w> {
+    writer: &'a mut Writer<'w>,
+    message_pass: bool,
+    scratch: String,
+    result: fmt::Result,
+}
+
+impl LineVisitor<'_, '_> {
+    fn field(&mut self, field: &Field, value: &str) {
+        if self.result.is_err() {
+            return;
+        }
+        let is_message = field.name() == "message";
+        if is_message != self.message_pass {
+            return;
+        }
+        self.result = if is_message {
+            write_escaped(self.writer, value, false)
+        } else {
+            write!(self.writer, " {}=", field.name())
+                .and_then(|()| write_escaped(self.writer, value, true))
+        };
+    }
+}
+
+impl Visit for LineVisitor<'_, '_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.field(field, value);
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        let is_message = field.name() == "message";
+        if is_message != self.message_pass {
+            return;
+        }
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        let _ = write!(scratch, "{value:?}");
+        self.field(field, &scratch);
+        self.scratch = scratch;
+    }
+}
+
+/// Writes a value, quoting it when it holds anything that could be read as
+/// a separator. The message is never quoted but is escaped all the same.
+fn write_escaped(w: &mut impl fmt::Write, value: &str, quote_if_needed: bool) -> fmt::Result {
+    let needs_quotes = quote_if_needed
+        && (value.is_empty()
+            || value
+                .chars()
+                .any(|c| matches!(c, ' ' | '"' | '\\' | '=') || c.is_control()));
+    let plain = value
+        .chars()
+        .all(|c| !c.is_control() && !(needs_quotes && matches!(c, '"' | '\\')));
+    if plain {
+        return if needs_quotes {
+            write!(w, "\"{value}\"")
+        } else {
+            w.write_str(value)
+        };
+    }
+    if needs_quotes {
+        w.write_char('"')?;
+    }
+    for c in value.chars() {
+        match c {
+            '"' if needs_quotes => w.write_str("\\\"")?,
+            '\\' if needs_quotes => w.write_str("\\\\")?,
+            '\n' => w.write_str("\\n")?,
+            '\r' => w.write_str("\\r")?,
+            '\t' => w.write_str("\\t")?,
+            c if c.is_control() => write!(w, "\\u{{{:x}}}", c as u32)?,
+            c => w.write_char(c)?,
+        }
+    }
+    if needs_quotes {
+        w.write_char('"')?;
+    }
+    Ok(())
+}
+
+/// The access log file, which can be reopened at its path (for logrotate)
+/// and never reports a failed write upward: the non-blocking worker would
+/// otherwise stop, and a full disk must not stop the proxy. Failures are
+/// reported on stderr, at most once a minute.
+#[derive(Clone)]
+struct ReopenableFile {
+    inner: Arc<Mutex<FileState>>,
+}
+
+struct FileState {
+    path: PathBuf,
+    file: Option<File>,
+    last_complaint: Option<Instant>,
+    dropped_since_complaint: u64,
+}
+
+const COMPLAINT_INTERVAL: Duration = Duration::from_secs(60);
+
+impl ReopenableFile {
+    fn open(path: &Path) -> io::Result<Self> {
+        let file = open_append(path)?;
+        Ok(Self {
+            inner: Arc::new(Mutex::new(FileState {
+                path: path.to_owned(),
+                file: Some(file),
+                last_complaint: None,
+                dropped_since_complaint: 0,
+            })),
+        })
+    }
+
+    fn reopen(&self) {
+        let mut state = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        match open_append(&state.path) {
+            Ok(file) => state.file = Some(file),
+            Err(e) => state.complain(&e),
+        }
+    }
+}
+
+impl FileState {
+    fn complain(&mut self, error: &io::Error) {
+        self.dropped_since_complaint += 1;
+        let due = self
+            .last_complaint
+            .is_none_or(|t| t.elapsed() >= COMPLAINT_INTERVAL);
+        if due {
+            // The logger itself is what failed, so this goes straight to stderr.
+            eprintln!(
+                "ERROR access log {} cannot be written ({error}); {} line(s) dropped, requests are still served",
+                self.path.display(),
+                self.dropped_since_complaint
+            );
+            self.last_complaint = Some(Instant::now());
+            self.dropped_since_complaint = 0;
+        }
+    }
+}
+
+impl Write for ReopenableFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut state = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.file.is_none() {
+            match open_append(&state.path) {
+                Ok(file) => state.file = Some(file),
+                Err(e) => {
+                    state.complain(&e);
+                    return Ok(buf.len());
+                }
+            }
+        }
+        if let Some(Err(e)) = state.file.as_mut().map(|f| f.write_all(buf)) {
+            state.complain(&e);
+            // Try a fresh handle next time: the file may have been removed.
+            state.file = None;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn open_append(path: &Path) -> io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::write_escaped;
+
+    fn esc(s: &str) -> String {
+        let mut out = String::new();
+        write_escaped(&mut out, s, true).ok();
+        out
+    }
+
+    #[test]
+    fn plain_values_are_bare() {
+        assert_eq!(esc("/user/repo"), "/user/repo");
+        assert_eq!(esc("2001:db8::1"), "2001:db8::1");
+    }
+
+    #[test]
+    fn separators_are_quoted_and_escaped() {
+        assert_eq!(esc("a b"), "\"a b\"");
+        assert_eq!(esc(""), "\"\"");
+        assert_eq!(esc("x=1"), "\"x=1\"");
+        assert_eq!(esc("say \"hi\""), "\"say \\\"hi\\\"\"");
+        assert_eq!(
+            esc("/\r\nclient_ip=1.2.3.4"),
+            "\"/\\r\\nclient_ip=1.2.3.4\""
+        );
+        assert_eq!(esc("\u{1b}[31m"), "\"\\u{1b}[31m\"");
+    }
+}

@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    reverse_proxy::cli::main()
+}

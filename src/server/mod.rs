@@ -1,0 +1,252 @@
+//! Accepting connections and serving HTTP on them.
+//!
+//! The accept loop enforces `max_connections` (beyond it, connections wait
+//! in the kernel backlog), survives accept errors (resets are ignored,
+//! descriptor exhaustion backs off instead of spinning), and hands each
+//! connection to hyper-util's auto builder (HTTP/1.1 and HTTP/2). Shutdown
+//! happens in three steps: stop accepting, ask every connection to finish
+//! (`Connection: close` / GOAWAY), and close what is left at the deadline.
+
+mod activity;
+pub mod listener;
+
+use std::convert::Infallible;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use http::Request;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+use tracing::{debug, error, warn};
+
+use crate::client_ip::canonical;
+use crate::config::StaticConfig;
+use crate::conn_info::ConnInfo;
+use activity::{Activity, TrackedBody, TrackedIo};
+
+/// HTTP/2 streams one connection may have open at once (Envoy and the h2
+/// CVE advisories recommend at most 100–128).
+const MAX_CONCURRENT_STREAMS: u32 = 128;
+/// Header fields one HTTP/1.1 request may carry; more get 431.
+const MAX_HEADERS: usize = 100;
+
+/// Serves connections for one or more listeners and drains them on stop.
+#[derive(Clone)]
+pub struct Server {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    builder: auto::Builder<TokioExecutor>,
+    router: Router,
+    idle_timeout: Duration,
+    connections: TaskTracker,
+    limit: Arc<Semaphore>,
+    /// Stop accepting; connections finish their current request.
+    stop: CancellationToken,
+    /// The grace period is over: close whatever is left.
+    kill: CancellationToken,
+}
+
+impl Server {
+    pub fn new(settings: &StaticConfig, router: Router) -> Self {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(settings.header_read_timeout)
+            .keep_alive(true)
+            .max_buf_size(settings.max_header_bytes)
+            .max_headers(MAX_HEADERS);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+            .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(20));
+        Self {
+            inner: Arc::new(Inner {
+                builder,
+                router,
+                idle_timeout: settings.idle_timeout,
+                connections: TaskTracker::new(),
+                limit: Arc::new(Semaphore::new(settings.max_connections)),
+                stop: CancellationToken::new(),
+                kill: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// Accepts plain-TCP connections until [`Server::stop`] is called.
+    pub async fn serve_plain(&self, listener: TcpListener) {
+        self.accept_loop(listener, |server, stream, info, permit| {
+            server.spawn_connection(stream, info, permit);
+        })
+        .await;
+    }
+
+    /// The accept loop shared by every kind of listener. `on_accept` gets
+    /// the TCP stream and starts whatever comes next (TLS, then HTTP).
+    pub async fn accept_loop<F>(&self, listener: TcpListener, on_accept: F)
+    where
+        F: Fn(&Server, tokio::net::TcpStream, ConnInfo, OwnedSemaphorePermit),
+    {
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let permit = tokio::select! {
+                permit = Arc::clone(&self.inner.limit).acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+                () = self.inner.stop.cancelled() => return,
+            };
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = self.inner.stop.cancelled() => return,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    backoff = Duration::from_millis(10);
+                    if let Err(e) = stream.set_nodelay(true) {
+                        debug!("set TCP_NODELAY: {e}");
+                    }
+                    let info = ConnInfo {
+                        peer: canonical(peer),
+                        https: false,
+                        sni: None,
+                    };
+                    on_accept(self, stream, info, permit);
+                }
+                Err(e) if is_connection_error(&e) => debug!("accept: {e}"),
+                Err(e) => {
+                    // Out of descriptors or memory: accepting again at once
+                    // would spin. Wait, and let existing connections finish.
+                    if backoff == Duration::from_millis(10) {
+                        error!("accept failed: {e}; backing off");
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = self.inner.stop.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// Serves HTTP on an accepted (and, for TLS, handshaken) stream.
+    pub fn spawn_connection<I>(&self, io: I, info: ConnInfo, permit: OwnedSemaphorePermit)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let server = self.clone();
+        self.inner.connections.spawn(async move {
+            server.connection(io, info).await;
+            drop(permit);
+        });
+    }
+
+    async fn connection<I>(&self, io: I, info: ConnInfo)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let inner = &self.inner;
+        let peer = info.peer;
+        let activity = Activity::new();
+        let io = TokioIo::new(TrackedIo::new(io, Arc::clone(&activity)));
+        let router = inner.router.clone();
+        let requests = Arc::clone(&activity);
+        let service = service_fn(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(info.clone());
+            let in_flight = requests.start_request();
+            let response = router.clone().oneshot(req);
+            async move {
+                let response = match response.await {
+                    Ok(response) => response,
+                    Err(never) => match never {},
+                };
+                Ok::<_, Infallible>(response.map(|inner| TrackedBody {
+                    inner,
+                    _in_flight: in_flight,
+                }))
+            }
+        });
+        let conn = inner.builder.serve_connection_with_upgrades(io, service);
+        tokio::pin!(conn);
+        let mut closing = false;
+        loop {
+            let idle_check = activity
+                .idle_deadline(inner.idle_timeout)
+                .map_or_else(|| Instant::now() + inner.idle_timeout, Instant::from_std);
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        debug!(%peer, "connection: {e}");
+                    }
+                    return;
+                }
+                () = tokio::time::sleep_until(idle_check), if !closing => {
+                    let idle = activity
+                        .idle_deadline(inner.idle_timeout)
+                        .is_some_and(|at| at <= std::time::Instant::now());
+                    if idle {
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                }
+                () = inner.stop.cancelled(), if !closing => {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                () = inner.kill.cancelled() => return,
+            }
+        }
+    }
+
+    /// Stops accepting on every listener of this server.
+    pub fn stop(&self) {
+        self.inner.stop.cancel();
+    }
+
+    /// Waits up to `grace` for open connections to finish, then closes the
+    /// rest. Returns how many were cut.
+    pub async fn drain(&self, grace: Duration) -> usize {
+        self.stop();
+        self.inner.connections.close();
+        if tokio::time::timeout(grace, self.inner.connections.wait())
+            .await
+            .is_ok()
+        {
+            return 0;
+        }
+        let cut = self.inner.connections.len();
+        self.inner.kill.cancel();
+        self.inner.connections.wait().await;
+        warn!(connections = cut, "grace period over; closing connections still open");
+        cut
+    }
+}
+
+/// Errors that concern one connection, not the listener.
+fn is_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    )
+}
