@@ -59,8 +59,9 @@ ln -s "$binary" "$tmp/reverse-proxy"
 
 # The unit must start the binary at the installed path; otherwise the
 # rewrite below would silently check something else.
+# (An Exec*= path may follow special prefixes such as "-".)
 for key in ExecStartPre ExecStart; do
-    if ! grep -q "^$key=$installed_path " "$unit"; then
+    if ! grep -Eq "^$key=[-@:+!]*$installed_path " "$unit"; then
         echo "error: $unit has no '$key=$installed_path ...' line" >&2
         exit 1
     fi
