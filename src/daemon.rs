@@ -105,7 +105,7 @@ impl Running {
     }
 
     /// Open client connections and upgraded tunnels, as `(connections, tunnels)`.
-    pub fn open(&self) -> (usize, usize) {
+    pub fn open_connections(&self) -> (usize, usize) {
         (self.server.open_connections(), self.state.tunnels().len())
     }
 

@@ -22,6 +22,8 @@ use tokio::sync::Notify;
 
 const HOST: &str = "app.test";
 const RELOADS: usize = 20;
+/// Requests the load sends at least between two reloads.
+const PER_RELOAD: usize = 100;
 
 /// The site config pointing at `upstream`. Access lines are left out of
 /// stdout: thousands of them would only slow down the line matching.
@@ -39,6 +41,8 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 #[derive(Default)]
 struct Tally {
     sent: AtomicUsize,
+    /// Requests sent, by [`Kind`].
+    by_kind: [AtomicUsize; 3],
     failed: AtomicUsize,
     failures: std::sync::Mutex<Vec<String>>,
 }
@@ -73,6 +77,7 @@ async fn load(kind: Kind, proxy: std::net::SocketAddr, tally: Arc<Tally>, stop: 
         }
         let req = req.body(Body::empty()).expect("request");
         tally.sent.fetch_add(1, Ordering::SeqCst);
+        tally.by_kind[kind as usize].fetch_add(1, Ordering::SeqCst);
         let result = tokio::time::timeout(Duration::from_secs(10), async {
             let response = client.request(req).await.map_err(|e| format!("{e:?}"))?;
             let status = response.status();
@@ -167,7 +172,7 @@ async fn reload_under_load_fails_no_request() {
             "reload {i}, HTTP/2"
         );
         // Let the load run on this configuration for a while.
-        let target = tally.sent.load(Ordering::SeqCst) + 50;
+        let target = tally.sent.load(Ordering::SeqCst) + PER_RELOAD;
         let deadline = Instant::now() + Duration::from_secs(20);
         while tally.sent.load(Ordering::SeqCst) < target {
             assert!(Instant::now() < deadline, "load stalled after reload {i}");
@@ -181,8 +186,10 @@ async fn reload_under_load_fails_no_request() {
 
     let sent = tally.sent.load(Ordering::SeqCst);
     let failed = tally.failed.load(Ordering::SeqCst);
+    let [keep_alive, close, http2] = tally.by_kind.each_ref().map(|n| n.load(Ordering::SeqCst));
     eprintln!(
-        "reload under load: {sent} requests over {} connections kinds, {RELOADS} reloads in {:.1} s, {failed} failed",
+        "reload under load: {sent} requests (HTTP/1.1 keep-alive {keep_alive}, HTTP/1.1 Connection: close {close}, \
+         HTTP/2 {http2}) from {} clients, {RELOADS} reloads in {:.1} s, {failed} failed",
         kinds.len(),
         started.elapsed().as_secs_f64()
     );
@@ -192,7 +199,7 @@ async fn reload_under_load_fails_no_request() {
         "failures: {:?}",
         tally.failures.lock().expect("lock")
     );
-    assert!(sent >= RELOADS * 50, "only {sent} requests");
+    assert!(sent >= RELOADS * PER_RELOAD, "only {sent} requests");
     assert!(
         a.hits() > RELOADS * 10 && b.hits() > RELOADS * 10,
         "A {} B {}",

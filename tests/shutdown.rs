@@ -129,11 +129,12 @@ async fn sigterm_lets_requests_in_flight_finish() {
     let open: usize = field(&line, "connections").parse().expect("count");
     assert!((2..=3).contains(&open), "{line}");
 
+    // Closed at once: before the busy connections have their answers.
     let closed = read_until_close(&mut idle, Duration::from_secs(5)).await;
     assert!(closed.is_empty(), "{closed}");
     assert!(
-        signalled.elapsed() < Duration::from_millis(1500),
-        "idle connection closed late"
+        !h1.is_finished(),
+        "idle connection closed only after the drain"
     );
 
     let h1 = h1.await.expect("h1 task");
@@ -176,7 +177,7 @@ async fn requests_outliving_the_deadline_are_cut() {
     assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(0));
     let took = signalled.elapsed();
     assert!(
-        took >= Duration::from_millis(1900) && took < Duration::from_secs(5),
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(6),
         "exit after {took:?}, expected at the 2 s deadline"
     );
     let stopped = proxy.wait_for_line(|l| l.contains(" STOPPED "), Duration::from_secs(5));
@@ -231,7 +232,7 @@ async fn second_stop_signal_exits_at_once() {
     proxy.signal("INT");
     assert_eq!(proxy.wait_exit(Duration::from_secs(5)), Some(1));
     assert!(
-        again.elapsed() < Duration::from_secs(2),
+        again.elapsed() < Duration::from_secs(3),
         "took {:?}",
         again.elapsed()
     );

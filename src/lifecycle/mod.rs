@@ -48,7 +48,7 @@ pub async fn supervise(
     info!(grace_secs = grace.as_secs(), "STOPPING");
     let shutdown = async move {
         running.close_listeners().await;
-        let (connections, tunnels) = running.open();
+        let (connections, tunnels) = running.open_connections();
         info!(connections, tunnels, "LISTENERS_CLOSED");
         running.drain(deadline).await
     };

@@ -62,14 +62,6 @@ pub fn commit(state: &AppState, running: &StaticConfig, config: Config) -> usize
             "CONFIG_WARNING"
         );
     }
-    let restart_needed = static_changes(running, &config.server);
-    if !restart_needed.is_empty() {
-        warn!(
-            fields = restart_needed.join(",").as_str(),
-            detail = "these settings need a restart to take effect; everything else was applied",
-            "RESTART_NEEDED"
-        );
-    }
     let sites = config.dynamic.sites.len();
     let changes = dynamic_changes(&state.snapshot().config, &config.dynamic);
     state.replace(config.dynamic);
@@ -82,6 +74,14 @@ pub fn commit(state: &AppState, running: &StaticConfig, config: Config) -> usize
         rate_limit = changed(changes.rate_limit),
         "CONFIG_CHANGES"
     );
+    let restart_needed = static_changes(running, &config.server);
+    if !restart_needed.is_empty() {
+        warn!(
+            fields = restart_needed.join(",").as_str(),
+            detail = "these settings need a restart to take effect; everything else was applied",
+            "RESTART_NEEDED"
+        );
+    }
     sites
 }
 
