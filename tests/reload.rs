@@ -224,3 +224,68 @@ async fn access_log_is_reopened_on_sighup() {
     assert_eq!(get(proxy.addr, HOST, "/repaired").await.status, 200);
     wait_for_file_line(&live, "path=/repaired");
 }
+
+/// The logrotate snippet from `deploy/`, run by the real logrotate against
+/// a running proxy. Only its paths and the reload command are changed: no
+/// systemd here, so the postrotate script sends SIGHUP itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logrotate_snippet_rotates_and_the_proxy_follows() {
+    let a = Upstream::echo("A").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let logs = dir.path().join("logs");
+    std::fs::create_dir(&logs).expect("mkdir");
+    let toml = config(
+        &[(HOST, &a.url())],
+        &format!("access_log = \"{}/access.log\"", logs.display()),
+        "",
+    );
+    std::fs::write(dir.path().join("config.toml"), &toml).expect("write config");
+    let mut proxy = ProxyProcess::start_in(dir, &[]);
+    let live = logs.join("access.log");
+
+    assert_eq!(get(proxy.addr, HOST, "/day-one").await.status, 200);
+    wait_for_file_line(&live, "path=/day-one");
+
+    let snippet = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/logrotate/reverse-proxy"
+    ))
+    .expect("read snippet");
+    let (head, rest) = snippet.split_once("    postrotate\n").expect("postrotate");
+    let (_, tail) = rest.split_once("    endscript\n").expect("endscript");
+    let conf = format!(
+        "{}    postrotate\n        kill -HUP {}\n    endscript\n{tail}",
+        head.replace("/var/log/reverse-proxy", logs.to_str().expect("utf-8")),
+        proxy.pid()
+    );
+    let conf_path = proxy.dir.path().join("logrotate.conf");
+    std::fs::write(&conf_path, conf).expect("write logrotate conf");
+    let reloads = proxy.count_lines(|l| l.contains(" CONFIG_RELOAD "));
+    let out = std::process::Command::new("logrotate")
+        .arg("--force")
+        .arg("--state")
+        .arg(proxy.dir.path().join("logrotate.state"))
+        .arg(&conf_path)
+        .output()
+        .expect("run logrotate (Debian package logrotate)");
+    assert!(
+        out.status.success(),
+        "logrotate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    proxy.wait_for_count(
+        |l| l.contains(" CONFIG_RELOAD status=success"),
+        reloads + 1,
+        Duration::from_secs(10),
+    );
+
+    assert_eq!(get(proxy.addr, HOST, "/day-two").await.status, 200);
+    wait_for_file_line(&live, "path=/day-two");
+    // delaycompress: yesterday's file stays readable for fail2ban.
+    let rotated = std::fs::read_to_string(logs.join("access.log.1")).expect("access.log.1");
+    assert!(rotated.contains("path=/day-one"), "{rotated}");
+    assert!(!rotated.contains("path=/day-two"), "{rotated}");
+    let today = std::fs::read_to_string(&live).expect("access.log");
+    assert!(!today.contains("path=/day-one"), "{today}");
+    assert_alive(&mut proxy);
+}
