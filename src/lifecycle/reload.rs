@@ -7,7 +7,7 @@
 //! manual TLS) belongs in `prepare`, so that one bad file rejects the whole
 //! reload instead of applying half of it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tracing::{error, info, warn};
 
@@ -29,7 +29,7 @@ pub async fn reload(
     path: &Path,
     running: &StaticConfig,
 ) -> Result<usize, ReloadError> {
-    let path: PathBuf = path.to_owned();
+    let path = path.to_owned();
     let prepared = tokio::task::spawn_blocking(move || prepare(&path))
         .await
         .map_err(ReloadError::from)
