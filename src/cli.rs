@@ -70,7 +70,8 @@ where
         }
     };
     match run(config, &cli.config) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(lifecycle::Exit::Drained) => ExitCode::SUCCESS,
+        Ok(lifecycle::Exit::Aborted) => ExitCode::from(1),
         Err(e) => {
             eprintln!("reverse-proxy: {e}");
             ExitCode::from(1)
@@ -102,14 +103,14 @@ fn validate(path: &Path) -> ExitCode {
     }
 }
 
-fn run(config: Config, path: &Path) -> Result<(), RunError> {
+fn run(config: Config, path: &Path) -> Result<lifecycle::Exit, RunError> {
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     if let Some(n) = config.server.worker_threads {
         runtime.worker_threads(n.get());
     }
     let runtime = runtime.build().map_err(RunError::Runtime)?;
-    runtime.block_on(async {
+    let exit = runtime.block_on(async {
         let log = logging::init(
             &config.server.log_level,
             config.server.access_log.as_deref(),
@@ -123,7 +124,10 @@ fn run(config: Config, path: &Path) -> Result<(), RunError> {
         }
         let signals = Signals::install().map_err(RunError::Signals)?;
         let running = Running::start(config).await?;
-        lifecycle::supervise(running, path, &log, signals).await;
-        Ok(())
-    })
+        Ok(lifecycle::supervise(running, path, &log, signals).await)
+    });
+    // Whatever is still running was cut by the drain or abandoned by a
+    // second stop signal; waiting for it would only delay the exit.
+    runtime.shutdown_background();
+    exit
 }

@@ -5,6 +5,7 @@ use std::io;
 use std::net::SocketAddr;
 
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tracing::info;
 
 use crate::config::{Config, StaticConfig, TlsConfig};
@@ -89,26 +90,64 @@ impl Running {
     /// `shutdown_timeout`, then closes the rest. Returns how many
     /// connections and tunnels were cut.
     pub async fn shutdown(mut self) -> usize {
-        let grace = self.static_config.shutdown_timeout;
-        let deadline = tokio::time::Instant::now() + grace;
+        let deadline = Instant::now() + self.static_config.shutdown_timeout;
+        self.close_listeners().await;
+        self.drain(deadline).await.total()
+    }
+
+    /// Stops accepting and closes every listening socket, so that new
+    /// connection attempts are refused rather than left in a backlog
+    /// nobody reads. Open connections are not touched.
+    pub async fn close_listeners(&mut self) {
         self.server.stop();
-        // Listeners close as their accept loops return.
+        // Each listener is owned by its accept loop and closes as it returns.
         while self.tasks.join_next().await.is_some() {}
-        let cut = self.server.drain(grace).await;
+    }
+
+    /// Open client connections and upgraded tunnels, as `(connections, tunnels)`.
+    pub fn open_connections(&self) -> (usize, usize) {
+        (self.server.open_connections(), self.state.tunnels().len())
+    }
+
+    /// Asks every connection to finish (HTTP/1.1: close after the current
+    /// response; HTTP/2: GOAWAY), waits for them and for upgraded tunnels
+    /// until `deadline`, then closes whatever is left.
+    pub async fn drain(self, deadline: Instant) -> Drained {
+        let connections = self.server.drain(deadline).await;
+        // Tunnels are waited for only now: a request still in flight above
+        // may have turned into one. They share the connections' deadline.
         let tunnels = self.state.tunnels();
         tunnels.close();
-        let cut_tunnels = if tokio::time::timeout_at(deadline, tunnels.wait())
+        let tunnels_cut = if tokio::time::timeout_at(deadline, tunnels.wait())
             .await
             .is_ok()
         {
             0
         } else {
-            let n = tunnels.len();
+            let open = tunnels.len();
             self.state.close_tunnels().cancel();
             tunnels.wait().await;
-            n
+            open
         };
-        cut + cut_tunnels
+        Drained {
+            connections,
+            tunnels: tunnels_cut,
+        }
+    }
+}
+
+/// What a drain had to cut at its deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// HTTP connections still busy at the deadline.
+    pub connections: usize,
+    /// Upgraded tunnels (WebSockets) still open at the deadline.
+    pub tunnels: usize,
+}
+
+impl Drained {
+    pub fn total(self) -> usize {
+        self.connections + self.tunnels
     }
 }
 

@@ -252,7 +252,12 @@ impl ReopenableFile {
         let mut state = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         match open_append(&state.path) {
             Ok(file) => state.file = Some(file),
-            Err(e) => state.complain(&e),
+            // Keeping the old handle loses no lines: they land in the
+            // rotated file, where they are easier to find than nowhere.
+            Err(e) => eprintln!(
+                "ERROR access log {} cannot be reopened ({e}); still writing to the file opened before, requests are still served",
+                state.path.display()
+            ),
         }
     }
 }

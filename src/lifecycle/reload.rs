@@ -1,5 +1,11 @@
 //! Reload as a transaction: read, validate completely, build the new
 //! snapshot, swap. Any failure leaves the running configuration untouched.
+//!
+//! Everything that can fail happens in [`prepare`], off the async runtime
+//! (it reads files); [`commit`] cannot fail and only swaps. Whatever else a
+//! reload has to rebuild from files (such as a certificate resolver for
+//! manual TLS) belongs in `prepare`, so that one bad file rejects the whole
+//! reload instead of applying half of it.
 
 use std::path::Path;
 
@@ -8,29 +14,52 @@ use tracing::{error, info, warn};
 use crate::config::{Config, ConfigError, DynamicConfig, StaticConfig};
 use crate::state::AppState;
 
-/// Reloads the dynamic part of the configuration at `path` into `state`.
-/// Returns the new number of sites.
-pub fn reload(state: &AppState, path: &Path, running: &StaticConfig) -> Result<usize, ConfigError> {
-    let config = match Config::load(path) {
-        Ok(config) => config,
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{}", .0.lines().join("; "))]
+    Config(#[from] ConfigError),
+    #[error("the reload task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Reloads the dynamic part of the configuration at `path` into `state`,
+/// logging the outcome. Returns the new number of sites.
+pub async fn reload(
+    state: &AppState,
+    path: &Path,
+    running: &StaticConfig,
+) -> Result<usize, ReloadError> {
+    let path = path.to_owned();
+    let prepared = tokio::task::spawn_blocking(move || prepare(&path))
+        .await
+        .map_err(ReloadError::from)
+        .and_then(|config| config.map_err(ReloadError::from));
+    match prepared {
+        Ok(config) => Ok(commit(state, running, config)),
         Err(e) => {
-            let error = e.lines().join("; ");
-            error!(status = "error", error = error.as_str(), "CONFIG_RELOAD");
-            return Err(e);
+            error!(
+                status = "error",
+                error = e.to_string().as_str(),
+                "CONFIG_RELOAD"
+            );
+            Err(e)
         }
-    };
+    }
+}
+
+/// Reads and validates the file completely; nothing is changed yet.
+pub fn prepare(path: &Path) -> Result<Config, ConfigError> {
+    Config::load(path)
+}
+
+/// Makes a prepared configuration the one new requests see, and says what
+/// changed. Returns the new number of sites.
+pub fn commit(state: &AppState, running: &StaticConfig, config: Config) -> usize {
     for w in &config.warnings {
         warn!(
             field = w.field.as_str(),
             problem = w.message.as_str(),
             "CONFIG_WARNING"
-        );
-    }
-    let restart_needed = static_changes(running, &config.server);
-    if !restart_needed.is_empty() {
-        warn!(
-            fields = restart_needed.join(",").as_str(),
-            "RESTART_NEEDED static settings changed; they take effect after a restart, the rest was applied"
         );
     }
     let sites = config.dynamic.sites.len();
@@ -45,7 +74,15 @@ pub fn reload(state: &AppState, path: &Path, running: &StaticConfig) -> Result<u
         rate_limit = changed(changes.rate_limit),
         "CONFIG_CHANGES"
     );
-    Ok(sites)
+    let restart_needed = static_changes(running, &config.server);
+    if !restart_needed.is_empty() {
+        warn!(
+            fields = restart_needed.join(",").as_str(),
+            detail = "these settings need a restart to take effect; everything else was applied",
+            "RESTART_NEEDED"
+        );
+    }
+    sites
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
-use tracing::{debug, error, warn};
+use tracing::{debug, error};
 
 use crate::client_ip::canonical;
 use crate::config::StaticConfig;
@@ -220,12 +220,18 @@ impl Server {
         self.inner.stop.cancel();
     }
 
-    /// Waits up to `grace` for open connections to finish, then closes the
-    /// rest. Returns how many were cut.
-    pub async fn drain(&self, grace: Duration) -> usize {
+    /// Connections being served right now (upgraded tunnels not included:
+    /// their HTTP connection ended with the upgrade).
+    pub fn open_connections(&self) -> usize {
+        self.inner.connections.len()
+    }
+
+    /// Waits until `deadline` for open connections to finish, then closes
+    /// the rest. Returns how many were cut.
+    pub async fn drain(&self, deadline: Instant) -> usize {
         self.stop();
         self.inner.connections.close();
-        if tokio::time::timeout(grace, self.inner.connections.wait())
+        if tokio::time::timeout_at(deadline, self.inner.connections.wait())
             .await
             .is_ok()
         {
@@ -234,10 +240,6 @@ impl Server {
         let cut = self.inner.connections.len();
         self.inner.kill.cancel();
         self.inner.connections.wait().await;
-        warn!(
-            connections = cut,
-            "grace period over; closing connections still open"
-        );
         cut
     }
 }
