@@ -3,11 +3,14 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tokio::task::JoinSet;
 use tracing::info;
 
+use crate::admin::{self, Admin};
 use crate::config::{Config, StaticConfig, TlsConfig};
+use crate::metrics::{Metrics, MetricsError};
 use crate::router::router;
 use crate::server::{Server, listener};
 use crate::state::AppState;
@@ -22,6 +25,8 @@ pub enum StartError {
     },
     #[error("server.tls.mode = \"{0}\" is not supported by this build")]
     TlsUnsupported(&'static str),
+    #[error("{0}")]
+    Metrics(#[from] MetricsError),
 }
 
 /// A started proxy: listeners bound and serving.
@@ -30,21 +35,45 @@ pub struct Running {
     state: AppState,
     static_config: StaticConfig,
     local_addr: SocketAddr,
+    /// The admin listener's server and address, with `[admin]`.
+    admin: Option<(Server, SocketAddr)>,
     tasks: JoinSet<()>,
 }
 
 impl Running {
     /// Binds the listeners of `config` and starts serving.
     pub async fn start(config: Config) -> Result<Self, StartError> {
-        let Config { server: settings, dynamic, .. } = config;
+        let Config {
+            server: settings,
+            dynamic,
+            ..
+        } = config;
         let main = bind("server.bind_addr", settings.bind_addr)?;
         let local_addr = main.local_addr().map_err(|source| StartError::Bind {
             field: "server.bind_addr",
             addr: settings.bind_addr,
             source,
         })?;
-        let state = AppState::new(dynamic);
-        let server = Server::new(&settings, router(state.clone()));
+        let admin_listener = match &settings.admin {
+            Some(admin) => {
+                let listener = bind("admin.bind_addr", admin.bind_addr)?;
+                let addr = listener.local_addr().map_err(|source| StartError::Bind {
+                    field: "admin.bind_addr",
+                    addr: admin.bind_addr,
+                    source,
+                })?;
+                Some((listener, addr))
+            }
+            None => None,
+        };
+        // Without an admin listener nobody could read metrics: record none.
+        let metrics = admin_listener
+            .is_some()
+            .then(Metrics::new)
+            .transpose()?
+            .map(Arc::new);
+        let state = AppState::new(dynamic, metrics.clone());
+        let server = Server::with_metrics(&settings, router(state.clone()), metrics.clone());
         let mut tasks = JoinSet::new();
         match &settings.tls {
             TlsConfig::Off => {
@@ -54,13 +83,35 @@ impl Running {
             TlsConfig::Acme(_) => return Err(StartError::TlsUnsupported("acme")),
             TlsConfig::Manual(_) => return Err(StartError::TlsUnsupported("manual")),
         }
-        let scheme = if matches!(settings.tls, TlsConfig::Off) { "http" } else { "https" };
+        let scheme = if matches!(settings.tls, TlsConfig::Off) {
+            "http"
+        } else {
+            "https"
+        };
         info!(addr = %local_addr, proto = scheme, "LISTEN");
+        let admin = match (admin_listener, metrics) {
+            (Some((listener, addr)), Some(metrics)) => {
+                let admin = Server::new(
+                    &settings,
+                    admin::router(Admin {
+                        state: state.clone(),
+                        metrics,
+                        server: server.clone(),
+                    }),
+                );
+                let serving = admin.clone();
+                tasks.spawn(async move { serving.serve_plain(listener).await });
+                info!(addr = %addr, proto = "admin", "LISTEN");
+                Some((admin, addr))
+            }
+            _ => None,
+        };
         Ok(Self {
             server,
             state,
             static_config: settings,
             local_addr,
+            admin,
             tasks,
         })
     }
@@ -77,6 +128,16 @@ impl Running {
         &self.static_config
     }
 
+    /// The admin listener's address, with `[admin]`.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(_, addr)| *addr)
+    }
+
+    /// The metrics, recorded only with `[admin]`.
+    pub fn metrics(&self) -> Option<&Arc<Metrics>> {
+        self.state.metrics()
+    }
+
     /// Stops accepting, lets connections and tunnels finish within
     /// `shutdown_timeout`, then closes the rest. Returns how many
     /// connections and tunnels were cut.
@@ -84,12 +145,24 @@ impl Running {
         let grace = self.static_config.shutdown_timeout;
         let deadline = tokio::time::Instant::now() + grace;
         self.server.stop();
+        if let Some((admin, _)) = &self.admin {
+            admin.stop();
+        }
         // Listeners close as their accept loops return.
         while self.tasks.join_next().await.is_some() {}
         let cut = self.server.drain(grace).await;
+        if let Some((admin, _)) = &self.admin {
+            // Scrapes are quick; anything still open after the public drain
+            // gets what is left of the grace period.
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            admin.drain(left).await;
+        }
         let tunnels = self.state.tunnels();
         tunnels.close();
-        let cut_tunnels = if tokio::time::timeout_at(deadline, tunnels.wait()).await.is_ok() {
+        let cut_tunnels = if tokio::time::timeout_at(deadline, tunnels.wait())
+            .await
+            .is_ok()
+        {
             0
         } else {
             let n = tunnels.len();
@@ -102,5 +175,9 @@ impl Running {
 }
 
 fn bind(field: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
-    listener::bind(addr).map_err(|source| StartError::Bind { field, addr, source })
+    listener::bind(addr).map_err(|source| StartError::Bind {
+        field,
+        addr,
+        source,
+    })
 }
