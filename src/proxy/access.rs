@@ -257,3 +257,44 @@ impl http_body::Body for CountedBody {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::response::IntoResponse;
+    use http_body_util::BodyExt;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::metrics::Metrics;
+
+    /// The rate limiter's side of the contract: its 429 counts as a
+    /// request of its site, with its bytes, and as rate limited.
+    #[tokio::test]
+    async fn rate_limited_responses_count_for_their_site() {
+        let config = Config::parse(
+            "[server]\n[server.tls]\nmode = \"off\"\n[[sites]]\nhost = \"a.test\"\nupstream = \"http://127.0.0.1:1\"\n",
+        )
+        .expect("config");
+        let metrics = Metrics::new().expect("metrics");
+        let snapshot = Snapshot::new(config.dynamic, None, Some(&metrics));
+        let refused = (StatusCode::TOO_MANY_REQUESTS, "too many requests\n").into_response();
+        let counted = count_rate_limited(
+            &snapshot,
+            Some("a.test"),
+            &Method::POST,
+            Instant::now(),
+            refused,
+        );
+        let body = counted.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(body.len(), 18);
+        let text = metrics.encode();
+        for line in [
+            "reverse_proxy_rate_limited_total{host=\"a.test\"} 1\n",
+            "reverse_proxy_http_requests_total{host=\"a.test\",method=\"POST\",status=\"429\"} 1\n",
+            "reverse_proxy_http_response_bytes_total{host=\"a.test\"} 18\n",
+            "reverse_proxy_http_request_duration_seconds_count{host=\"a.test\"} 1\n",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+    }
+}
