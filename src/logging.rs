@@ -221,7 +221,7 @@ fn write_escaped(w: &mut impl fmt::Write, value: &str, quote_if_needed: bool) ->
                 .any(|c| matches!(c, ' ' | '"' | '\\' | '=') || c.is_control()));
     let plain = value
         .chars()
-        .all(|c| !c.is_control() && !(needs_quotes && matches!(c, '"' | '\\')));
+        .all(|c| !(c.is_control() || (needs_quotes && matches!(c, '"' | '\\'))));
     if plain {
         return if needs_quotes {
             write!(w, "\"{value}\"")

@@ -37,13 +37,17 @@ async fn h2_get(addr: std::net::SocketAddr, uri: &str) -> StatusCode {
     .await
     .expect("h2 handshake");
     tokio::spawn(conn);
-    let req = http::Request::get(uri).body(Body::empty()).expect("request");
+    let req = http::Request::get(uri)
+        .body(Body::empty())
+        .expect("request");
     let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
         .await
         .expect("h2 response in time")
         .expect("h2 response");
     let status = resp.status();
-    http_body_util::BodyExt::collect(resp.into_body()).await.expect("h2 body");
+    http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .expect("h2 body");
     status
 }
 
@@ -56,7 +60,11 @@ fn wait_for_lines(path: &Path, n: usize) -> Vec<String> {
         if lines.len() >= n {
             return lines;
         }
-        assert!(Instant::now() < deadline, "only {} of {n} lines:\n{text}", lines.len());
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} lines:\n{text}",
+            lines.len()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -78,7 +86,10 @@ async fn json_lines_parse_and_carry_every_field() {
 
     let plain = get(proxy.addr, "a.test", "/plain?q=1").await;
     assert_eq!(plain.status, StatusCode::OK);
-    assert_eq!(h2_get(proxy.addr, "http://a.test/over-h2").await, StatusCode::OK);
+    assert_eq!(
+        h2_get(proxy.addr, "http://a.test/over-h2").await,
+        StatusCode::OK
+    );
     // What a hostile client can put in a path and a header: quotes,
     // backslashes, braces, a tab and a byte that is not UTF-8.
     let nasty = raw(
@@ -88,8 +99,14 @@ async fn json_lines_parse_and_carry_every_field() {
     )
     .await;
     assert!(nasty.starts_with("HTTP/1.1 200"), "{nasty}");
-    assert_eq!(get(proxy.addr, "b.test", "/").await.status, StatusCode::BAD_GATEWAY);
-    assert_eq!(get(proxy.addr, "c.test", "/").await.status, StatusCode::MISDIRECTED_REQUEST);
+    assert_eq!(
+        get(proxy.addr, "b.test", "/").await.status,
+        StatusCode::BAD_GATEWAY
+    );
+    assert_eq!(
+        get(proxy.addr, "c.test", "/").await.status,
+        StatusCode::MISDIRECTED_REQUEST
+    );
 
     // Five REQUEST lines and one UPSTREAM_ERROR.
     let lines = wait_for_lines(&log, 6);
@@ -111,8 +128,15 @@ async fn json_lines_parse_and_carry_every_field() {
         assert!(ts.ends_with('Z') && ts.contains('T'), "{ts}");
         assert_eq!(r["level"], "INFO");
         assert_eq!(r["client_ip"], "127.0.0.1");
-        assert!(r["status"].is_u64() && r["duration_ms"].is_u64() && r["bytes_sent"].is_u64(), "{r:?}");
-        assert_eq!(r["tls_version"], Value::Null, "plain HTTP has no TLS version");
+        assert!(
+            r["status"].is_u64() && r["duration_ms"].is_u64() && r["bytes_sent"].is_u64(),
+            "{r:?}"
+        );
+        assert_eq!(
+            r["tls_version"],
+            Value::Null,
+            "plain HTTP has no TLS version"
+        );
     }
     let by_path = |path: &str| {
         *requests
@@ -127,7 +151,11 @@ async fn json_lines_parse_and_carry_every_field() {
     assert_eq!(first["upstream"], site.addr.to_string());
     assert_eq!(first["bytes_sent"], plain.body.len() as u64);
     assert_eq!(first["http_version"], "HTTP/1.1");
-    assert_eq!(first["user_agent"], Value::Null, "the harness client sends no User-Agent");
+    assert_eq!(
+        first["user_agent"],
+        Value::Null,
+        "the harness client sends no User-Agent"
+    );
     assert_eq!(by_path("/over-h2")["http_version"], "HTTP/2.0");
     let hostile = by_path("/q\"uote\\back{\"x\":1}%0A");
     assert_eq!(hostile["user_agent"], "ev\"il\t\\agent\u{fffd}");
@@ -136,7 +164,10 @@ async fn json_lines_parse_and_carry_every_field() {
         .find(|o| o["event"] == "REQUEST" && o["host"] == "b.test")
         .expect("b.test line");
     assert_eq!(gateway["status"], 502);
-    let unknown = objects.iter().find(|o| o["host"] == "c.test").expect("c.test line");
+    let unknown = objects
+        .iter()
+        .find(|o| o["host"] == "c.test")
+        .expect("c.test line");
     assert_eq!(unknown["status"], 421);
     assert_eq!(unknown["upstream"], Value::Null);
     let error = objects
@@ -149,7 +180,10 @@ async fn json_lines_parse_and_carry_every_field() {
     // stdout (journald) keeps the key=value format.
     let stdout = proxy.lines();
     assert!(
-        stdout.iter().any(|l| l.contains(" INFO REQUEST client_ip=127.0.0.1 host=a.test method=GET path=/plain ")),
+        stdout
+            .iter()
+            .any(|l| l
+                .contains(" INFO REQUEST client_ip=127.0.0.1 host=a.test method=GET path=/plain ")),
         "{stdout:#?}"
     );
     assert!(!stdout.iter().any(|l| l.contains("{\"ts\"")), "{stdout:#?}");
@@ -205,7 +239,12 @@ async fn kv_request_line_keeps_the_spec_fields_first_and_in_order() {
     let body_len = reply.split("\r\n\r\n").nth(1).map_or(0, str::len);
     let lines = wait_for_lines(&proxy.dir.path().join("access.log"), 1);
     let line = &lines[0];
-    assert!(line.contains(" INFO REQUEST client_ip=127.0.0.1 host=a.test method=GET path=/a%20b status=200 "), "{line}");
+    assert!(
+        line.contains(
+            " INFO REQUEST client_ip=127.0.0.1 host=a.test method=GET path=/a%20b status=200 "
+        ),
+        "{line}"
+    );
     assert_eq!(keys(line, "REQUEST"), REQUEST_FIELDS, "{line}");
     assert!(line.contains(&format!(" bytes_sent={body_len} ")), "{line}");
     assert!(
@@ -221,7 +260,9 @@ async fn bytes_sent_is_what_a_streamed_body_delivered() {
     let chunks = Upstream::start(axum::Router::new().route(
         "/stream",
         axum::routing::get(|| async {
-            let parts = (0..50).map(|i| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'a' + (i % 26) as u8; 1000])));
+            let parts = (0..50).map(|i| {
+                Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'a' + (i % 26) as u8; 1000]))
+            });
             Body::from_stream(futures_util::stream::iter(parts))
         }),
     ))
@@ -240,9 +281,14 @@ fn unknown_format_is_a_config_error() {
     let path = common::write_file(
         dir.path(),
         "config.toml",
-        &config(&[("a.test", "http://127.0.0.1:1")], "access_log_format = \"xml\"", ""),
+        &config(
+            &[("a.test", "http://127.0.0.1:1")],
+            "access_log_format = \"xml\"",
+            "",
+        ),
     );
-    let (code, _, err) = common::run_binary(&["--validate", "--config", path.to_str().expect("path")]);
+    let (code, _, err) =
+        common::run_binary(&["--validate", "--config", path.to_str().expect("path")]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("server.access_log_format"), "{err}");
 }

@@ -19,7 +19,9 @@ use reverse_proxy::metrics::Metrics;
 use serde_json::Value;
 
 fn deploy(file: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana").join(file)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/grafana")
+        .join(file)
 }
 
 fn promtool(args: &[&str]) -> (bool, String) {
@@ -55,14 +57,21 @@ impl Prometheus {
         let log = std::fs::File::create(dir.path().join("prometheus.log")).expect("log file");
         let child = Command::new("prometheus")
             .arg(format!("--config.file={}", config_path.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
             .arg(format!("--web.listen-address={addr}"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))
             .stderr(log)
             .spawn()
             .expect("prometheus (Debian package prometheus)");
-        Self { child, addr, _dir: dir }
+        Self {
+            child,
+            addr,
+            _dir: dir,
+        }
     }
 
     fn log(&self) -> String {
@@ -74,16 +83,24 @@ impl Prometheus {
         let req = http::Request::get(format!("http://{}{path_and_query}", self.addr))
             .body(axum::body::Body::empty())
             .expect("request");
-        let resp = tokio::time::timeout(Duration::from_secs(5), common::http1_client().request(req))
+        let resp =
+            tokio::time::timeout(Duration::from_secs(5), common::http1_client().request(req))
+                .await
+                .ok()?
+                .ok()?;
+        let body = http_body_util::BodyExt::collect(resp.into_body())
             .await
             .ok()?
-            .ok()?;
-        let body = http_body_util::BodyExt::collect(resp.into_body()).await.ok()?.to_bytes();
+            .to_bytes();
         serde_json::from_slice(&body).ok()
     }
 
     /// Polls until `check` finds what it wants in an API answer.
-    async fn wait_for<T>(&mut self, path_and_query: &str, check: impl Fn(&Value) -> Option<T>) -> T {
+    async fn wait_for<T>(
+        &mut self,
+        path_and_query: &str,
+        check: impl Fn(&Value) -> Option<T>,
+    ) -> T {
         let deadline = Instant::now() + Duration::from_secs(40);
         let mut last = None;
         loop {
@@ -126,15 +143,26 @@ async fn prometheus_scrapes_the_admin_listener_and_evaluates_the_alerts() {
     for _ in 0..5 {
         assert_eq!(get(proxy.addr, "a.test", "/").await.status, StatusCode::OK);
     }
-    assert_eq!(get(proxy.addr, "b.test", "/").await.status, StatusCode::BAD_GATEWAY);
-    assert_eq!(get(proxy.addr, "c.test", "/").await.status, StatusCode::MISDIRECTED_REQUEST);
+    assert_eq!(
+        get(proxy.addr, "b.test", "/").await.status,
+        StatusCode::BAD_GATEWAY
+    );
+    assert_eq!(
+        get(proxy.addr, "c.test", "/").await.status,
+        StatusCode::MISDIRECTED_REQUEST
+    );
     proxy.wait_for_count(|l| l.contains(" REQUEST "), 7, Duration::from_secs(10));
 
     let mut prometheus = Prometheus::start(admin);
     let total = prometheus
-        .wait_for("/api/v1/query?query=sum(reverse_proxy_http_requests_total)", |answer| {
-            answer["data"]["result"][0]["value"][1].as_str().map(str::to_owned)
-        })
+        .wait_for(
+            "/api/v1/query?query=sum(reverse_proxy_http_requests_total)",
+            |answer| {
+                answer["data"]["result"][0]["value"][1]
+                    .as_str()
+                    .map(str::to_owned)
+            },
+        )
         .await;
     assert_eq!(total, "7");
 
@@ -164,8 +192,16 @@ fn shipped_alert_rules_and_scrape_config_pass_promtool() {
     assert!(ok, "{out}");
     assert!(out.contains("SUCCESS: 5 rules found"), "{out}");
     let text = std::fs::read_to_string(&rules).expect("alerts.yml");
-    for alert in ["CertificateExpiresSoon", "ReloadFailed", "UpstreamDown", "High5xxRatio"] {
-        assert!(text.contains(&format!("- alert: {alert}\n")), "{alert} missing");
+    for alert in [
+        "CertificateExpiresSoon",
+        "ReloadFailed",
+        "UpstreamDown",
+        "High5xxRatio",
+    ] {
+        assert!(
+            text.contains(&format!("- alert: {alert}\n")),
+            "{alert} missing"
+        );
     }
     let scrape_config = deploy("prometheus.yml");
     let (ok, out) = promtool(&["check", "config", scrape_config.to_str().expect("path")]);
@@ -208,7 +244,12 @@ fn referenced(text: &str, families: &BTreeSet<String>) -> BTreeSet<String> {
 
 #[tokio::test]
 async fn dashboard_and_alerts_reference_only_exported_metrics() {
-    let families: BTreeSet<String> = Metrics::new().expect("metrics").names().iter().cloned().collect();
+    let families: BTreeSet<String> = Metrics::new()
+        .expect("metrics")
+        .names()
+        .iter()
+        .cloned()
+        .collect();
     // The list is the one the running proxy exposes: every family in a
     // real scrape is in it.
     let site = Upstream::echo("a").await;
@@ -221,14 +262,25 @@ async fn dashboard_and_alerts_reference_only_exported_metrics() {
     get(proxy.addr, "a.test", "/").await;
     proxy.wait_for_count(|l| l.contains(" REQUEST "), 1, Duration::from_secs(10));
     let exposed = referenced(&scrape(admin).await, &families);
-    assert!(exposed.is_subset(&families), "exposed but not listed: {:?}", exposed.difference(&families));
+    assert!(
+        exposed.is_subset(&families),
+        "exposed but not listed: {:?}",
+        exposed.difference(&families)
+    );
 
     let dashboard_text = std::fs::read_to_string(deploy("dashboard.json")).expect("dashboard.json");
     let dashboard: Value = serde_json::from_str(&dashboard_text).expect("dashboard.json is JSON");
-    assert!(dashboard["panels"].as_array().is_some_and(|p| !p.is_empty()));
+    assert!(
+        dashboard["panels"]
+            .as_array()
+            .is_some_and(|p| !p.is_empty())
+    );
     let used = referenced(&dashboard_text, &families);
     let unknown: Vec<_> = used.difference(&families).collect();
-    assert!(unknown.is_empty(), "dashboard uses metrics the proxy does not export: {unknown:?}");
+    assert!(
+        unknown.is_empty(),
+        "dashboard uses metrics the proxy does not export: {unknown:?}"
+    );
     for needed in [
         "reverse_proxy_http_requests_total",
         "reverse_proxy_http_request_duration_seconds",
@@ -239,18 +291,29 @@ async fn dashboard_and_alerts_reference_only_exported_metrics() {
         "reverse_proxy_certificate_not_after_timestamp_seconds",
         "reverse_proxy_config_reloads_total",
     ] {
-        assert!(used.contains(needed), "the dashboard has no panel on {needed}");
+        assert!(
+            used.contains(needed),
+            "the dashboard has no panel on {needed}"
+        );
     }
 
     let alerts = std::fs::read_to_string(deploy("alerts.yml")).expect("alerts.yml");
     let used = referenced(&alerts, &families);
     let unknown: Vec<_> = used.difference(&families).collect();
-    assert!(unknown.is_empty(), "alert rules use metrics the proxy does not export: {unknown:?}");
+    assert!(
+        unknown.is_empty(),
+        "alert rules use metrics the proxy does not export: {unknown:?}"
+    );
 }
 
 #[test]
 fn the_name_check_catches_a_misspelt_metric() {
-    let families: BTreeSet<String> = Metrics::new().expect("metrics").names().iter().cloned().collect();
+    let families: BTreeSet<String> = Metrics::new()
+        .expect("metrics")
+        .names()
+        .iter()
+        .cloned()
+        .collect();
     let used = referenced(
         r#"{"expr": "rate(reverse_proxy_http_request_total[5m]) + reverse_proxy_http_request_duration_seconds_bucket"}"#,
         &families,
@@ -267,12 +330,18 @@ fn not_after(cert: &Path) -> u64 {
         .output()
         .expect("openssl");
     let text = String::from_utf8_lossy(&out.stdout);
-    let date = text.trim().strip_prefix("notAfter=").expect("notAfter line");
+    let date = text
+        .trim()
+        .strip_prefix("notAfter=")
+        .expect("notAfter line");
     let out = Command::new("date")
         .args(["-u", "+%s", "-d", date])
         .output()
         .expect("date");
-    String::from_utf8_lossy(&out.stdout).trim().parse().expect("unix seconds")
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("unix seconds")
 }
 
 /// The gauge TLS code feeds: the value set for a certificate is the
@@ -282,7 +351,19 @@ async fn certificate_expiry_is_the_certificates_not_after() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cert = dir.path().join("cert.pem");
     let status = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "47", "-subj", "/CN=a.test"])
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "47",
+            "-subj",
+            "/CN=a.test",
+        ])
         .arg("-keyout")
         .arg(dir.path().join("key.pem"))
         .arg("-out")
@@ -307,7 +388,12 @@ async fn certificate_expiry_is_the_certificates_not_after() {
     let series = "reverse_proxy_certificate_not_after_timestamp_seconds{name=\"a.test\"}";
     assert_eq!(s.get(series).copied(), Some(expires as f64), "{s:#?}");
     // About 47 days from now, as the certificate says.
-    let days = (expires as f64 - std::time::SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs_f64()) / 86400.0;
+    let days = (expires as f64
+        - std::time::SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock")
+            .as_secs_f64())
+        / 86400.0;
     assert!((46.0..=47.0).contains(&days), "{days}");
     assert_eq!(running.shutdown().await, 0);
 }

@@ -285,7 +285,12 @@ mod tests {
             Instant::now(),
             refused,
         );
-        let body = counted.into_body().collect().await.expect("body").to_bytes();
+        let body = counted
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
         assert_eq!(body.len(), 18);
         let text = metrics.encode();
         for line in [
