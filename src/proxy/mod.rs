@@ -19,8 +19,8 @@ use hyper::body::Incoming;
 use tracing::warn;
 
 use crate::client_ip::client_ip;
-use crate::config::Site;
 use crate::conn_info::ConnInfo;
+use crate::config::Site;
 use crate::logging::ACCESS;
 use crate::metrics::{SiteMetrics, UpstreamErrorKind};
 use crate::state::AppState;
