@@ -114,6 +114,7 @@ fn run(config: Config, path: &Path) -> Result<lifecycle::Exit, RunError> {
         let log = logging::init(
             &config.server.log_level,
             config.server.access_log.as_deref(),
+            config.server.access_log_format,
         )?;
         for w in &config.warnings {
             warn!(

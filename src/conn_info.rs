@@ -12,4 +12,7 @@ pub struct ConnInfo {
     pub https: bool,
     /// The TLS server name the client asked for, if any.
     pub sni: Option<Arc<str>>,
+    /// The negotiated TLS version as nginx's `$ssl_protocol` writes it
+    /// (`TLSv1.3`), for the access log; `None` on plain connections.
+    pub tls_version: Option<&'static str>,
 }

@@ -3,12 +3,15 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::info;
 
+use crate::admin::{self, Admin};
 use crate::config::{Config, StaticConfig, TlsConfig};
+use crate::metrics::{Metrics, MetricsError};
 use crate::router::router;
 use crate::server::{Server, listener};
 use crate::state::AppState;
@@ -23,6 +26,8 @@ pub enum StartError {
     },
     #[error("server.tls.mode = \"{0}\" is not supported by this build")]
     TlsUnsupported(&'static str),
+    #[error("{0}")]
+    Metrics(#[from] MetricsError),
 }
 
 /// A started proxy: listeners bound and serving.
@@ -31,6 +36,8 @@ pub struct Running {
     state: AppState,
     static_config: StaticConfig,
     local_addr: SocketAddr,
+    /// The admin listener's server and address, with `[admin]`.
+    admin: Option<(Server, SocketAddr)>,
     tasks: JoinSet<()>,
 }
 
@@ -48,8 +55,26 @@ impl Running {
             addr: settings.bind_addr,
             source,
         })?;
-        let state = AppState::new(dynamic);
-        let server = Server::new(&settings, router(state.clone()));
+        let admin_listener = match &settings.admin {
+            Some(admin) => {
+                let listener = bind("admin.bind_addr", admin.bind_addr)?;
+                let addr = listener.local_addr().map_err(|source| StartError::Bind {
+                    field: "admin.bind_addr",
+                    addr: admin.bind_addr,
+                    source,
+                })?;
+                Some((listener, addr))
+            }
+            None => None,
+        };
+        // Without an admin listener nobody could read metrics: record none.
+        let metrics = admin_listener
+            .is_some()
+            .then(Metrics::new)
+            .transpose()?
+            .map(Arc::new);
+        let state = AppState::new(dynamic, metrics.clone());
+        let server = Server::with_metrics(&settings, router(state.clone()), metrics.clone());
         let mut tasks = JoinSet::new();
         match &settings.tls {
             TlsConfig::Off => {
@@ -65,11 +90,29 @@ impl Running {
             "https"
         };
         info!(addr = %local_addr, proto = scheme, "LISTEN");
+        let admin = match (admin_listener, metrics) {
+            (Some((listener, addr)), Some(metrics)) => {
+                let admin = Server::new(
+                    &settings,
+                    admin::router(Admin {
+                        state: state.clone(),
+                        metrics,
+                        server: server.clone(),
+                    }),
+                );
+                let serving = admin.clone();
+                tasks.spawn(async move { serving.serve_plain(listener).await });
+                info!(addr = %addr, proto = "admin", "LISTEN");
+                Some((admin, addr))
+            }
+            _ => None,
+        };
         Ok(Self {
             server,
             state,
             static_config: settings,
             local_addr,
+            admin,
             tasks,
         })
     }
@@ -86,6 +129,16 @@ impl Running {
         &self.static_config
     }
 
+    /// The admin listener's address, with `[admin]`.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(_, addr)| *addr)
+    }
+
+    /// The metrics, recorded only with `[admin]`.
+    pub fn metrics(&self) -> Option<&Arc<Metrics>> {
+        self.state.metrics()
+    }
+
     /// Stops accepting, lets connections and tunnels finish within
     /// `shutdown_timeout`, then closes the rest. Returns how many
     /// connections and tunnels were cut.
@@ -100,6 +153,9 @@ impl Running {
     /// nobody reads. Open connections are not touched.
     pub async fn close_listeners(&mut self) {
         self.server.stop();
+        if let Some((admin, _)) = &self.admin {
+            admin.stop();
+        }
         // Each listener is owned by its accept loop and closes as it returns.
         while self.tasks.join_next().await.is_some() {}
     }
@@ -114,6 +170,10 @@ impl Running {
     /// until `deadline`, then closes whatever is left.
     pub async fn drain(self, deadline: Instant) -> Drained {
         let connections = self.server.drain(deadline).await;
+        if let Some((admin, _)) = &self.admin {
+            // Scrapes are quick; the admin listener shares the deadline.
+            admin.drain(deadline).await;
+        }
         // Tunnels are waited for only now: a request still in flight above
         // may have turned into one. They share the connections' deadline.
         let tunnels = self.state.tunnels();

@@ -10,12 +10,15 @@
 //! - [`proxy`]: host routing, header rewriting, streaming to the upstream,
 //!   upgrades.
 //! - [`logging`]: the access lines and where they go.
+//! - [`metrics`]: Prometheus counters and histograms, recorded along the
+//!   way when the [`admin`] listener (`/metrics`, `/health/ready`) is on.
 //!
 //! Around it: [`config`] (the file, validated into static and dynamic parts),
 //! [`state`] (the current dynamic snapshot, swapped on reload), [`daemon`]
 //! (binding and starting everything), [`lifecycle`] (signals, reload,
 //! systemd notifications, shutdown) and [`cli`] (arguments and exit codes).
 
+pub mod admin;
 pub mod cli;
 pub mod client_ip;
 pub mod config;
@@ -23,6 +26,7 @@ pub mod conn_info;
 pub mod daemon;
 pub mod lifecycle;
 pub mod logging;
+pub mod metrics;
 pub mod proxy;
 pub mod router;
 pub mod server;

@@ -1,11 +1,14 @@
 //! Log output: one line per event, `key=value` with a leading tag.
 //!
-//! Everything goes to stdout (journald). Events on the [`ACCESS`] target —
-//! `REQUEST`, `RATE_LIMIT`, `UPSTREAM_ERROR` — also go to the optional
-//! `access_log` file that fail2ban reads. Both writers are non-blocking: a
+//! Everything goes to stdout (journald), always as `key=value`. Events on
+//! the [`ACCESS`] target — `REQUEST`, `RATE_LIMIT`, `UPSTREAM_ERROR` — also
+//! go to the optional `access_log` file, in the format
+//! `access_log_format` picks: `key=value` for fail2ban, or one JSON object
+//! per line for Loki and similar pipelines. Both writers are non-blocking: a
 //! slow terminal or a full disk drops lines instead of stalling requests.
 //! Values are quoted and escaped here, in one place, so a client cannot forge
-//! a line break or a second `client_ip=` through a path or a header.
+//! a line break or a second `client_ip=` (or JSON key) through a path or a
+//! header.
 
 use std::fmt::{self, Write as _};
 use std::fs::{File, OpenOptions};
@@ -25,6 +28,8 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, fmt as tfmt};
+
+use crate::config::AccessLogFormat;
 
 /// The tracing target of access lines, which the access log file receives.
 pub const ACCESS: &str = "access";
@@ -56,7 +61,12 @@ impl LogHandle {
 }
 
 /// Installs the global subscriber. `RUST_LOG`, when set, overrides `level`.
-pub fn init(level: &str, access_log: Option<&Path>) -> Result<LogHandle, LoggingError> {
+/// `format` applies to the `access_log` file only.
+pub fn init(
+    level: &str,
+    access_log: Option<&Path>,
+    format: AccessLogFormat,
+) -> Result<LogHandle, LoggingError> {
     let filter_text = std::env::var("RUST_LOG")
         .ok()
         .filter(|s| !s.is_empty())
@@ -71,7 +81,7 @@ pub fn init(level: &str, access_log: Option<&Path>) -> Result<LogHandle, Logging
     let mut guards = vec![stdout_guard];
     let stdout_layer = line_layer(stdout).with_filter(filter);
 
-    let (file_layer, reopenable) = match access_log {
+    let (kv_file, json_file, reopenable) = match access_log {
         Some(path) => {
             let file = ReopenableFile::open(path).map_err(|source| LoggingError::AccessLog {
                 path: path.to_owned(),
@@ -79,14 +89,26 @@ pub fn init(level: &str, access_log: Option<&Path>) -> Result<LogHandle, Logging
             })?;
             let (writer, guard) = tracing_appender::non_blocking(file.clone());
             guards.push(guard);
-            let layer = line_layer(writer).with_filter(filter_fn(|m| m.target() == ACCESS));
-            (Some(layer), Some(file))
+            let access_only = filter_fn(|m| m.target() == ACCESS);
+            match format {
+                AccessLogFormat::Kv => (
+                    Some(line_layer(writer).with_filter(access_only)),
+                    None,
+                    Some(file),
+                ),
+                AccessLogFormat::Json => (
+                    None,
+                    Some(json_layer(writer).with_filter(access_only)),
+                    Some(file),
+                ),
+            }
         }
-        None => (None, None),
+        None => (None, None, None),
     };
     tracing_subscriber::registry()
         .with(stdout_layer)
-        .with(file_layer)
+        .with(kv_file)
+        .with(json_file)
         .try_init()
         .map_err(|_| LoggingError::AlreadyInstalled)?;
     Ok(LogHandle {
@@ -101,6 +123,16 @@ where
 {
     tfmt::layer()
         .event_format(LineFormat)
+        .with_ansi(false)
+        .with_writer(writer)
+}
+
+fn json_layer<S>(writer: NonBlocking) -> impl Layer<S>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    tfmt::layer()
+        .event_format(JsonFormat)
         .with_ansi(false)
         .with_writer(writer)
 }
@@ -189,7 +221,7 @@ fn write_escaped(w: &mut impl fmt::Write, value: &str, quote_if_needed: bool) ->
                 .any(|c| matches!(c, ' ' | '"' | '\\' | '=') || c.is_control()));
     let plain = value
         .chars()
-        .all(|c| !(c.is_control() || needs_quotes && matches!(c, '"' | '\\')));
+        .all(|c| !(c.is_control() || (needs_quotes && matches!(c, '"' | '\\'))));
     if plain {
         return if needs_quotes {
             write!(w, "\"{value}\"")
@@ -215,6 +247,144 @@ fn write_escaped(w: &mut impl fmt::Write, value: &str, quote_if_needed: bool) ->
         w.write_char('"')?;
     }
     Ok(())
+}
+
+/// `{"ts":"2026-11-21T11:42:00.123456Z","level":"INFO","event":"REQUEST","client_ip":…}`
+///
+/// Numbers stay numbers; a value of `-` (nothing there, in the `key=value`
+/// format) becomes `null`.
+struct JsonFormat;
+
+impl<S, N> FormatEvent<S, N> for JsonFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        writer.write_str("{\"ts\":\"")?;
+        SystemTime.format_time(&mut writer)?;
+        write!(
+            writer,
+            "\",\"level\":\"{}\"",
+            event.metadata().level().as_str()
+        )?;
+        let mut visitor = JsonVisitor {
+            writer: &mut writer,
+            message_pass: true,
+            scratch: String::new(),
+            result: Ok(()),
+        };
+        event.record(&mut visitor);
+        visitor.message_pass = false;
+        event.record(&mut visitor);
+        visitor.result?;
+        writer.write_str("}\n")
+    }
+}
+
+/// Writes the message as `event` on a first pass, then every other field.
+struct JsonVisitor<'a, 'w> {
+    writer: &'a mut Writer<'w>,
+    message_pass: bool,
+    scratch: String,
+    result: fmt::Result,
+}
+
+impl JsonVisitor<'_, '_> {
+    /// Writes `,"key":` and then the value with `value`, if this pass
+    /// wants the field.
+    fn field(&mut self, field: &Field, value: impl FnOnce(&mut Writer<'_>) -> fmt::Result) {
+        if self.result.is_err() {
+            return;
+        }
+        let is_message = field.name() == "message";
+        if is_message != self.message_pass {
+            return;
+        }
+        let key = if is_message { "event" } else { field.name() };
+        self.result = self
+            .writer
+            .write_char(',')
+            .and_then(|()| write_json_string(self.writer, key))
+            .and_then(|()| self.writer.write_char(':'))
+            .and_then(|()| value(self.writer));
+    }
+}
+
+impl Visit for JsonVisitor<'_, '_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.field(field, |w| {
+            if value == "-" {
+                w.write_str("null")
+            } else {
+                write_json_string(w, value)
+            }
+        });
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.field(field, |w| write!(w, "{value}"));
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.field(field, |w| write!(w, "{value}"));
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.field(field, |w| write!(w, "{value}"));
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        if value.is_finite() {
+            self.field(field, |w| write!(w, "{value}"));
+        } else {
+            self.record_debug(field, &value);
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        let is_message = field.name() == "message";
+        if is_message != self.message_pass {
+            return;
+        }
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        let _ = write!(scratch, "{value:?}");
+        self.record_str(field, &scratch);
+        self.scratch = scratch;
+    }
+}
+
+/// A JSON string literal: quotes, backslashes and every control character
+/// escaped, so the line stays one line and one object.
+fn write_json_string(w: &mut impl fmt::Write, value: &str) -> fmt::Result {
+    w.write_char('"')?;
+    let mut plain_from = 0;
+    for (i, c) in value.char_indices() {
+        let escaped = match c {
+            '"' => "\\\"",
+            '\\' => "\\\\",
+            '\n' => "\\n",
+            '\r' => "\\r",
+            '\t' => "\\t",
+            c if c.is_control() || c == '\u{2028}' || c == '\u{2029}' => "",
+            _ => continue,
+        };
+        w.write_str(&value[plain_from..i])?;
+        if escaped.is_empty() {
+            write!(w, "\\u{:04x}", c as u32)?;
+        } else {
+            w.write_str(escaped)?;
+        }
+        plain_from = i + c.len_utf8();
+    }
+    w.write_str(&value[plain_from..])?;
+    w.write_char('"')
 }
 
 /// The access log file, which can be reopened at its path (for logrotate)
@@ -312,7 +482,22 @@ fn open_append(path: &Path) -> io::Result<File> {
 
 #[cfg(test)]
 mod tests {
-    use super::write_escaped;
+    use super::{write_escaped, write_json_string};
+
+    fn json(s: &str) -> String {
+        let mut out = String::new();
+        write_json_string(&mut out, s).ok();
+        out
+    }
+
+    #[test]
+    fn json_strings_escape_what_json_requires() {
+        assert_eq!(json("/a b"), "\"/a b\"");
+        assert_eq!(json("say \"hi\"\\"), "\"say \\\"hi\\\"\\\\\"");
+        assert_eq!(json("/\r\n{\"x\":1}"), "\"/\\r\\n{\\\"x\\\":1}\"");
+        assert_eq!(json("\u{1b}[31m\u{7f}"), "\"\\u001b[31m\\u007f\"");
+        assert_eq!(json("\u{2028}é"), "\"\\u2028é\"");
+    }
 
     fn esc(s: &str) -> String {
         let mut out = String::new();

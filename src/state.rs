@@ -9,23 +9,40 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::DynamicConfig;
+use crate::metrics::{Metrics, SiteMetrics, SiteTable};
 use crate::proxy::upstream::{self, UpstreamClient};
 
 /// One consistent view of what requests are served with.
 pub struct Snapshot {
     pub config: DynamicConfig,
     pub upstream: UpstreamClient,
+    /// Per-site metric handles for this config; `None` without `[admin]`.
+    pub metrics: Option<SiteTable>,
 }
 
 impl Snapshot {
     /// Builds a snapshot, reusing the previous one's upstream pool when the
     /// settings it was built from did not change.
-    pub fn new(config: DynamicConfig, previous: Option<&Snapshot>) -> Self {
+    pub fn new(
+        config: DynamicConfig,
+        previous: Option<&Snapshot>,
+        metrics: Option<&Metrics>,
+    ) -> Self {
         let upstream = match previous {
             Some(prev) if prev.config.proxy == config.proxy => prev.upstream.clone(),
             _ => upstream::client(&config.proxy),
         };
-        Self { config, upstream }
+        let metrics = metrics.map(|m| m.sites(&config));
+        Self {
+            config,
+            upstream,
+            metrics,
+        }
+    }
+
+    /// The metric handles for a lower-cased host (`None`: no usable host).
+    pub fn site_metrics(&self, host: Option<&str>) -> Option<&Arc<SiteMetrics>> {
+        self.metrics.as_ref().map(|table| table.get(host))
     }
 }
 
@@ -37,15 +54,19 @@ pub struct AppState {
 
 struct Shared {
     snapshot: ArcSwap<Snapshot>,
+    metrics: Option<Arc<Metrics>>,
     tunnels: TaskTracker,
     close_tunnels: CancellationToken,
 }
 
 impl AppState {
-    pub fn new(config: DynamicConfig) -> Self {
+    /// `metrics` is `None` when nothing can read them (no `[admin]`).
+    pub fn new(config: DynamicConfig, metrics: Option<Arc<Metrics>>) -> Self {
+        let snapshot = Snapshot::new(config, None, metrics.as_deref());
         Self {
             inner: Arc::new(Shared {
-                snapshot: ArcSwap::from_pointee(Snapshot::new(config, None)),
+                snapshot: ArcSwap::from_pointee(snapshot),
+                metrics,
                 tunnels: TaskTracker::new(),
                 close_tunnels: CancellationToken::new(),
             }),
@@ -59,8 +80,12 @@ impl AppState {
     /// Makes `config` the one new requests see.
     pub fn replace(&self, config: DynamicConfig) {
         let previous = self.inner.snapshot.load();
-        let next = Snapshot::new(config, Some(&previous));
+        let next = Snapshot::new(config, Some(&previous), self.metrics().map(Arc::as_ref));
         self.inner.snapshot.store(Arc::new(next));
+    }
+
+    pub fn metrics(&self) -> Option<&Arc<Metrics>> {
+        self.inner.metrics.as_ref()
     }
 
     /// Upgraded connections (WebSocket tunnels), which outlive their request.

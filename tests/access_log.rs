@@ -72,7 +72,7 @@ async fn access_log_file_holds_exactly_the_request_lines() {
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), expected, "{text}");
     let line_re = Regex::new(
-        r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z  INFO REQUEST client_ip=127\.0\.0\.1 host=(\S+) method=GET path=(\S+) status=(\d{3}) upstream=(\S+) duration_ms=\d+$",
+        r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z  INFO REQUEST client_ip=127\.0\.0\.1 host=(\S+) method=GET path=(\S+) status=(\d{3}) upstream=(\S+) duration_ms=\d+ bytes_sent=\d+ .*$",
     )
     .expect("regex");
     for (line, path) in lines.iter().zip(paths) {

@@ -42,6 +42,9 @@ pub async fn reload(
                 error = e.to_string().as_str(),
                 "CONFIG_RELOAD"
             );
+            if let Some(metrics) = state.metrics() {
+                metrics.reload_failed();
+            }
             Err(e)
         }
     }
@@ -65,6 +68,9 @@ pub fn commit(state: &AppState, running: &StaticConfig, config: Config) -> usize
     let sites = config.dynamic.sites.len();
     let changes = dynamic_changes(&state.snapshot().config, &config.dynamic);
     state.replace(config.dynamic);
+    if let Some(metrics) = state.metrics() {
+        metrics.reload_succeeded();
+    }
     info!(status = "success", sites, "CONFIG_RELOAD");
     info!(
         added = list(&changes.added).as_str(),

@@ -1,6 +1,7 @@
 //! The host-keyed proxy handler: find the site, rewrite the request for its
-//! upstream, stream both bodies, and log one access line.
+//! upstream, stream both bodies, and account for the exchange ([`access`]).
 
+pub mod access;
 pub mod headers;
 pub mod host;
 pub mod upgrade;
@@ -10,18 +11,20 @@ use std::error::Error as _;
 use std::net::IpAddr;
 use std::time::Instant;
 
-use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use http::uri::{PathAndQuery, Scheme};
-use http::{HeaderValue, Method, StatusCode, Uri, Version, header};
-use tracing::{info, warn};
+use http::{HeaderValue, StatusCode, Uri, Version, header};
+use hyper::body::Incoming;
+use tracing::warn;
 
 use crate::client_ip::client_ip;
 use crate::config::Site;
 use crate::conn_info::ConnInfo;
 use crate::logging::ACCESS;
+use crate::metrics::{SiteMetrics, UpstreamErrorKind};
 use crate::state::AppState;
+use access::{CountedBody, Exchange};
 use host::{RequestHost, request_host};
 
 /// Serves one proxied request.
@@ -38,69 +41,54 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
         req.headers(),
         &snapshot.config.proxy.trusted_proxies,
     );
-    let method = req.method().clone();
-    let uri = req.uri().clone();
-    let log = AccessLine {
-        client,
-        method: &method,
-        path: uri.path(),
-        started,
-    };
+    let exchange = Exchange::new(&req, &conn, client, started);
     let host = match request_host(&req) {
         Ok(host) => host,
         Err(e) => {
             let response = plain(StatusCode::BAD_REQUEST, &format!("bad request: {e}\n"));
-            log.emit("-", response.status(), "-");
-            return response;
+            let metrics = snapshot.site_metrics(None).cloned();
+            return exchange.finish(response, "-".to_owned(), None, metrics);
         }
     };
+    let metrics = snapshot.site_metrics(Some(&host.name)).cloned();
     let Some(site) = snapshot.config.site(&host.name) else {
         let response = plain(
             StatusCode::MISDIRECTED_REQUEST,
             "misdirected request: no site is configured for this host\n",
         );
-        log.emit(&host.name, response.status(), "-");
-        return response;
+        return exchange.finish(response, host.name, None, metrics);
     };
-    let upstream = site.upstream.to_string();
-    let response = forward(&state, &snapshot, site, &host, &conn, client, req).await;
-    log.emit(&host.name, response.status(), &upstream);
-    response
-}
-
-/// The parts of an access line known before the response.
-struct AccessLine<'a> {
-    client: IpAddr,
-    method: &'a Method,
-    path: &'a str,
-    started: Instant,
-}
-
-impl AccessLine<'_> {
-    fn emit(&self, host: &str, status: StatusCode, upstream: &str) {
-        info!(
-            target: ACCESS,
-            client_ip = %self.client,
-            host,
-            method = self.method.as_str(),
-            path = self.path,
-            status = status.as_u16(),
-            upstream,
-            duration_ms = self.started.elapsed().as_millis() as u64,
-            "REQUEST"
-        );
+    let upstream = Some(site.upstream.authority.clone());
+    match forward(
+        &state,
+        &snapshot,
+        site,
+        metrics.as_deref(),
+        &host,
+        &conn,
+        client,
+        req,
+    )
+    .await
+    {
+        Ok(response) => exchange.finish(response, host.name, upstream, metrics),
+        Err(response) => exchange.finish(response, host.name, upstream, metrics),
     }
 }
 
+/// Sends the request to the site's upstream. `Err` is a response made
+/// here because the upstream could not give one.
+#[allow(clippy::too_many_arguments)]
 async fn forward(
     state: &AppState,
     snapshot: &crate::state::Snapshot,
     site: &Site,
+    metrics: Option<&SiteMetrics>,
     host: &RequestHost,
     conn: &ConnInfo,
     client: IpAddr,
     req: Request,
-) -> Response {
+) -> Result<http::Response<Incoming>, Response> {
     let wants_upgrade = req.version() == Version::HTTP_11 && headers::wants_upgrade(req.headers());
     let (mut parts, body) = req.into_parts();
     let client_upgrade = if wants_upgrade {
@@ -120,14 +108,19 @@ async fn forward(
     );
     parts.uri = match Uri::from_parts(uri_parts) {
         Ok(uri) => uri,
-        Err(_) => return plain(StatusCode::BAD_REQUEST, "bad request: request target\n"),
+        Err(_) => {
+            return Err(plain(
+                StatusCode::BAD_REQUEST,
+                "bad request: request target\n",
+            ));
+        }
     };
     // Upstreams speak HTTP/1.1 whatever the client spoke.
     parts.version = Version::HTTP_11;
     headers::remove_hop_by_hop(&mut parts.headers, client_upgrade.is_some());
     match HeaderValue::from_str(host.authority.as_str()) {
         Ok(value) => parts.headers.insert(header::HOST, value),
-        Err(_) => return plain(StatusCode::BAD_REQUEST, "bad request: Host\n"),
+        Err(_) => return Err(plain(StatusCode::BAD_REQUEST, "bad request: Host\n")),
     };
     headers::set_forwarding(
         &mut parts.headers,
@@ -137,25 +130,44 @@ async fn forward(
         host.authority.as_str(),
     );
 
+    let body = CountedBody::wrap(body, metrics);
     let timeout = snapshot.config.proxy.response_timeout;
+    let sent_at = Instant::now();
     let sent = tokio::time::timeout(
         timeout,
         snapshot.upstream.request(Request::from_parts(parts, body)),
     )
     .await;
     let mut response = match sent {
-        Ok(Ok(response)) => response,
+        Ok(Ok(response)) => {
+            if let Some(m) = metrics {
+                m.upstream_responded(sent_at.elapsed());
+            }
+            response
+        }
         Ok(Err(e)) => {
-            let status = StatusCode::BAD_GATEWAY;
-            upstream_error(site, &describe(&e));
-            return plain(status, "bad gateway: the upstream could not be reached\n");
+            let kind = if e.is_connect() {
+                UpstreamErrorKind::Connect
+            } else {
+                UpstreamErrorKind::Reset
+            };
+            upstream_error(site, metrics, kind, &describe(&e));
+            return Err(plain(
+                StatusCode::BAD_GATEWAY,
+                "bad gateway: the upstream could not be reached\n",
+            ));
         }
         Err(_) => {
-            upstream_error(site, &format!("no response within {} s", timeout.as_secs()));
-            return plain(
+            upstream_error(
+                site,
+                metrics,
+                UpstreamErrorKind::Timeout,
+                &format!("no response within {} s", timeout.as_secs()),
+            );
+            return Err(plain(
                 StatusCode::GATEWAY_TIMEOUT,
                 "gateway timeout: the upstream did not answer in time\n",
-            );
+            ));
         }
     };
 
@@ -163,9 +175,11 @@ async fn forward(
         let Some(client_upgrade) = client_upgrade else {
             upstream_error(
                 site,
+                metrics,
+                UpstreamErrorKind::Reset,
                 "101 Switching Protocols to a request that did not ask to upgrade",
             );
-            return plain(StatusCode::BAD_GATEWAY, "bad gateway\n");
+            return Err(plain(StatusCode::BAD_GATEWAY, "bad gateway\n"));
         };
         let upstream_upgrade = hyper::upgrade::on(&mut response);
         upgrade::spawn_tunnel(
@@ -174,13 +188,21 @@ async fn forward(
             client_upgrade,
             upstream_upgrade,
         );
-        return response.map(Body::new);
+        return Ok(response);
     }
     headers::remove_hop_by_hop(response.headers_mut(), false);
-    response.map(Body::new)
+    Ok(response)
 }
 
-fn upstream_error(site: &Site, error: &str) {
+fn upstream_error(
+    site: &Site,
+    metrics: Option<&SiteMetrics>,
+    kind: UpstreamErrorKind,
+    error: &str,
+) {
+    if let Some(m) = metrics {
+        m.upstream_error(kind);
+    }
     warn!(
         target: ACCESS,
         host = site.host.as_str(),

@@ -13,6 +13,7 @@ pub mod listener;
 use std::convert::Infallible;
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -33,6 +34,7 @@ use tracing::{debug, error};
 use crate::client_ip::canonical;
 use crate::config::StaticConfig;
 use crate::conn_info::ConnInfo;
+use crate::metrics::{Metrics, TlsHandshake};
 use activity::{Activity, TrackedBody, TrackedIo};
 
 /// HTTP/2 streams one connection may have open at once (Envoy and the h2
@@ -57,10 +59,39 @@ struct Inner {
     stop: CancellationToken,
     /// The grace period is over: close whatever is left.
     kill: CancellationToken,
+    metrics: Option<Arc<Metrics>>,
+    /// Permits held by accept loops waiting for a connection, which are not
+    /// open connections.
+    waiting: Arc<AtomicUsize>,
+}
+
+/// Counts an accept loop as waiting while it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Server {
     pub fn new(settings: &StaticConfig, router: Router) -> Self {
+        Self::with_metrics(settings, router, None)
+    }
+
+    /// A server whose connections are counted in `metrics`.
+    pub fn with_metrics(
+        settings: &StaticConfig,
+        router: Router,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Self {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -76,17 +107,46 @@ impl Server {
             .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(20));
+        let limit = Arc::new(Semaphore::new(settings.max_connections));
+        let waiting = Arc::new(AtomicUsize::new(0));
+        if let Some(metrics) = &metrics {
+            // A connection holds a permit from accept (before any TLS
+            // handshake) until it closes.
+            let max = settings.max_connections;
+            let permits = Arc::downgrade(&limit);
+            let waiting = Arc::clone(&waiting);
+            metrics.count_open_connections(Box::new(move || {
+                permits.upgrade().map_or(0, |p| {
+                    max.saturating_sub(p.available_permits())
+                        .saturating_sub(waiting.load(Ordering::Relaxed))
+                })
+            }));
+        }
         Self {
             inner: Arc::new(Inner {
                 builder,
                 router,
                 idle_timeout: settings.idle_timeout,
                 connections: TaskTracker::new(),
-                limit: Arc::new(Semaphore::new(settings.max_connections)),
+                limit,
                 stop: CancellationToken::new(),
                 kill: CancellationToken::new(),
+                metrics,
+                waiting,
             }),
         }
+    }
+
+    /// Counts a finished TLS handshake; for the TLS accept path.
+    pub fn record_tls_handshake(&self, outcome: TlsHandshake) {
+        if let Some(metrics) = &self.inner.metrics {
+            metrics.tls_handshake(outcome);
+        }
+    }
+
+    /// Whether the listeners still accept (false once stopping).
+    pub fn is_accepting(&self) -> bool {
+        !self.inner.stop.is_cancelled()
     }
 
     /// Accepts plain-TCP connections until [`Server::stop`] is called.
@@ -112,20 +172,26 @@ impl Server {
                 },
                 () = self.inner.stop.cancelled() => return,
             };
+            let waiting = Waiting::new(&self.inner.waiting);
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
                 () = self.inner.stop.cancelled() => return,
             };
+            drop(waiting);
             match accepted {
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(10);
                     if let Err(e) = stream.set_nodelay(true) {
                         debug!("set TCP_NODELAY: {e}");
                     }
+                    if let Some(metrics) = &self.inner.metrics {
+                        metrics.connection_accepted();
+                    }
                     let info = ConnInfo {
                         peer: canonical(peer),
                         https: false,
                         sni: None,
+                        tls_version: None,
                     };
                     on_accept(self, stream, info, permit);
                 }
@@ -164,7 +230,7 @@ impl Server {
     {
         let inner = &self.inner;
         let peer = info.peer;
-        let activity = Activity::new();
+        let activity = Activity::new(inner.metrics.as_ref().map(|m| m.connection_gauges()));
         let io = TokioIo::new(TrackedIo::new(io, Arc::clone(&activity)));
         let router = inner.router.clone();
         let requests = Arc::clone(&activity);

@@ -56,6 +56,17 @@ impl Upstream {
         Self { addr, hits, task }
     }
 
+    /// Serves `router` on `addr`, e.g. the address of an upstream stopped
+    /// earlier, to bring it back.
+    pub async fn start_on(addr: SocketAddr, router: Router) -> Self {
+        let listener = TcpListener::bind(addr).await.expect("bind upstream again");
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let task = tokio::spawn(async move {
+            axum::serve(listener, router).await.ok();
+        });
+        Self { addr, hits, task }
+    }
+
     /// Answers every request with `name`, then the request line and headers
     /// it received, one per line (`name: value`).
     pub async fn echo(name: &'static str) -> Self {
@@ -165,6 +176,15 @@ impl ProxyProcess {
         );
         proxy.addr = field(&listen, "addr").parse().expect("LISTEN addr");
         proxy
+    }
+
+    /// The admin listener's address, from its `LISTEN ... proto=admin` line.
+    pub fn admin_addr(&mut self) -> SocketAddr {
+        let line = self.wait_for_line(
+            |l| l.contains(" LISTEN ") && l.contains("proto=admin"),
+            Duration::from_secs(20),
+        );
+        field(&line, "addr").parse().expect("admin LISTEN addr")
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -373,4 +393,32 @@ pub fn status_of(raw: &str) -> Option<u16> {
     raw.strip_prefix("HTTP/1.1 ")
         .and_then(|s| s.get(..3))
         .and_then(|s| s.parse().ok())
+}
+
+/// Fetches `/metrics` from an admin listener and returns the text.
+pub async fn scrape(admin: SocketAddr) -> String {
+    let reply = get(admin, "localhost", "/metrics").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    reply.text()
+}
+
+/// The samples of a Prometheus text exposition, keyed by the series as
+/// written (`name{label="value",...}`), with labels in the order exposed.
+pub fn samples(exposition: &str) -> std::collections::HashMap<String, f64> {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// A free port on 127.0.0.1 for a program that cannot be told to pick one.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
 }

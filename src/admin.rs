@@ -1,0 +1,129 @@
+//! The admin listener (`[admin] bind_addr`): Prometheus `/metrics`,
+//! `/health` and `/health/ready`. It has a socket of its own, so none of
+//! this is reachable through the public listeners, whose router has no such
+//! routes.
+//!
+//! Readiness means: the configuration is loaded (it always is once the
+//! process serves), the public listeners still accept (not shutting down),
+//! and every site's upstream accepts a TCP connection within a short
+//! timeout. The same upstream check runs on every scrape and feeds
+//! `reverse_proxy_upstream_up`, so an upstream that is down is visible to
+//! alerting even when no traffic reaches it.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures_util::future::join_all;
+use http::{StatusCode, header};
+use tokio::net::TcpStream;
+
+use crate::metrics::{self, Metrics};
+use crate::server::Server;
+use crate::state::{AppState, Snapshot};
+
+/// Upper bound of one upstream connect check; shorter when
+/// `proxy.connect_timeout_secs` is.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Clone)]
+pub struct Admin {
+    pub state: AppState,
+    pub metrics: Arc<Metrics>,
+    /// The public server, whose listeners readiness checks.
+    pub server: Server,
+}
+
+pub fn router(admin: Admin) -> Router {
+    Router::new()
+        .route("/metrics", get(scrape))
+        .route("/health", get(health))
+        .route("/health/ready", get(ready))
+        .with_state(admin)
+}
+
+async fn health() {}
+
+async fn scrape(State(admin): State<Admin>) -> Response {
+    let probes = probe_upstreams(&admin.state.snapshot()).await;
+    admin
+        .metrics
+        .set_upstreams_up(probes.iter().map(|p| (p.host.as_str(), p.error.is_none())));
+    (
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+        admin.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn ready(State(admin): State<Admin>) -> Response {
+    let probes = probe_upstreams(&admin.state.snapshot()).await;
+    admin
+        .metrics
+        .set_upstreams_up(probes.iter().map(|p| (p.host.as_str(), p.error.is_none())));
+    let mut failures = String::new();
+    if !admin.server.is_accepting() {
+        failures.push_str("listeners: shutting down\n");
+    }
+    for probe in probes {
+        if let Some(error) = probe.error {
+            let _ = writeln!(
+                failures,
+                "site {}: upstream {}: {error}",
+                probe.host, probe.upstream
+            );
+        }
+    }
+    let (status, body) = if failures.is_empty() {
+        (StatusCode::OK, "ready\n".to_owned())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready\n{failures}"),
+        )
+    };
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+struct Probe {
+    host: String,
+    upstream: String,
+    /// Why the upstream is not reachable; `None` when it is.
+    error: Option<String>,
+}
+
+/// Opens (and closes) one TCP connection to every site's upstream, all at
+/// once, sorted by host so the failure list reads the same every time.
+async fn probe_upstreams(snapshot: &Snapshot) -> Vec<Probe> {
+    let timeout = snapshot.config.proxy.connect_timeout.min(PROBE_TIMEOUT);
+    let mut sites: Vec<_> = snapshot.config.sites.iter().collect();
+    sites.sort_by_key(|(host, _)| *host);
+    join_all(sites.into_iter().map(|(host, site)| async move {
+        let authority = &site.upstream.authority;
+        // The proxy's client defaults to port 80 for http, and so does this.
+        let upstream = match authority.port_u16() {
+            Some(_) => authority.as_str().to_owned(),
+            None => format!("{}:80", authority.as_str()),
+        };
+        let error = match tokio::time::timeout(timeout, TcpStream::connect(&upstream)).await {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(e.kind().to_string()),
+            Err(_) => Some(format!("no connection within {} ms", timeout.as_millis())),
+        };
+        Probe {
+            host: host.clone(),
+            upstream,
+            error,
+        }
+    }))
+    .await
+}
