@@ -5,11 +5,15 @@
 //!
 //! - [`server`]: accept (connection limit, accept back-off), HTTP/1.1 and
 //!   HTTP/2 via hyper-util, timeouts, idle close, graceful drain.
+//! - [`tls`]: the TLS handshake on the main listener, certificates from
+//!   ACME or from files chosen by SNI.
 //! - [`router`]: the request pipeline: `/health`, then the proxy.
 //! - [`client_ip`]: who the client is (trusted proxies, `X-Forwarded-For`).
 //! - [`proxy`]: host routing, header rewriting, streaming to the upstream,
 //!   upgrades.
 //! - [`logging`]: the access lines and where they go.
+//! - [`redirect`]: the optional plain-HTTP listener that sends clients to
+//!   `https://`.
 //!
 //! Around it: [`config`] (the file, validated into static and dynamic parts),
 //! [`state`] (the current dynamic snapshot, swapped on reload), [`daemon`]
@@ -24,6 +28,8 @@ pub mod daemon;
 pub mod lifecycle;
 pub mod logging;
 pub mod proxy;
+pub mod redirect;
 pub mod router;
 pub mod server;
 pub mod state;
+pub mod tls;

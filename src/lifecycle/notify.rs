@@ -29,5 +29,8 @@ pub fn reloading() {
 }
 
 pub fn stopping() {
-    send(&[NotifyState::Stopping, NotifyState::Status("draining connections")]);
+    send(&[
+        NotifyState::Stopping,
+        NotifyState::Status("draining connections"),
+    ]);
 }

@@ -33,6 +33,7 @@ use tracing::{debug, error, warn};
 use crate::client_ip::canonical;
 use crate::config::StaticConfig;
 use crate::conn_info::ConnInfo;
+use crate::tls::{Tls, handshake};
 use activity::{Activity, TrackedBody, TrackedIo};
 
 /// HTTP/2 streams one connection may have open at once (Envoy and the h2
@@ -93,6 +94,32 @@ impl Server {
     pub async fn serve_plain(&self, listener: TcpListener) {
         self.accept_loop(listener, |server, stream, info, permit| {
             server.spawn_connection(stream, info, permit);
+        })
+        .await;
+    }
+
+    /// Accepts TLS connections until [`Server::stop`] is called. Each
+    /// handshake runs in its own task, bounded by `handshake_timeout`, so a
+    /// slow or silent client holds up nobody else.
+    pub async fn serve_tls(&self, listener: TcpListener, tls: Tls, handshake_timeout: Duration) {
+        self.accept_loop(listener, |server, stream, info, permit| {
+            let server = server.clone();
+            let tls = tls.clone();
+            self.inner.connections.spawn(async move {
+                let handshake = handshake::accept(stream, &tls, info.peer, handshake_timeout);
+                let done = tokio::select! {
+                    done = handshake => done,
+                    () = server.inner.stop.cancelled() => return,
+                };
+                if let Some(done) = done {
+                    let info = ConnInfo {
+                        https: true,
+                        sni: done.sni,
+                        ..info
+                    };
+                    server.spawn_connection(done.stream, info, permit);
+                }
+            });
         })
         .await;
     }
@@ -234,7 +261,10 @@ impl Server {
         let cut = self.inner.connections.len();
         self.inner.kill.cancel();
         self.inner.connections.wait().await;
-        warn!(connections = cut, "grace period over; closing connections still open");
+        warn!(
+            connections = cut,
+            "grace period over; closing connections still open"
+        );
         cut
     }
 }
