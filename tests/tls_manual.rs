@@ -3,13 +3,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::Request;
 use axum::routing::any;
-use common::tls::{self, TestCa};
+use common::tls::{self, Files, TestCa, manual_config, write_cert};
 use common::{ProxyProcess, Upstream, run_binary, write_file};
 use http::{StatusCode, Version};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,45 +21,6 @@ async fn upstream(name: &'static str) -> Upstream {
         format!("{name} {:?}", req.version())
     })))
     .await
-}
-
-/// Certificate files written to a directory.
-struct Files {
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-fn write_cert(dir: &Path, name: &str, issued: &tls::Issued) -> Files {
-    Files {
-        cert: write_file(dir, &format!("{name}.pem"), &issued.cert_pem),
-        key: write_file(dir, &format!("{name}.key"), &issued.key_pem),
-    }
-}
-
-/// A manual-mode config: `entries` are (hosts, files), `sites` (host, upstream).
-fn manual_config(
-    entries: &[(&[&str], &Files)],
-    sites: &[(&str, String)],
-    server_extra: &str,
-) -> String {
-    let mut toml = format!(
-        "[server]\nbind_addr = \"127.0.0.1:0\"\nlog_level = \"info\"\n{server_extra}\n\n[server.tls]\nmode = \"manual\"\n\n"
-    );
-    for (hosts, files) in entries {
-        let hosts: Vec<String> = hosts.iter().map(|h| format!("{h:?}")).collect();
-        toml.push_str(&format!(
-            "[[server.tls.certs]]\nhosts = [{}]\ncert = {:?}\nkey = {:?}\n\n",
-            hosts.join(", "),
-            files.cert.display().to_string(),
-            files.key.display().to_string(),
-        ));
-    }
-    for (host, upstream) in sites {
-        toml.push_str(&format!(
-            "[[sites]]\nhost = \"{host}\"\nupstream = \"{upstream}\"\n\n"
-        ));
-    }
-    toml
 }
 
 /// Two sites with their own certificates (`a.test`, and `*.b.test` for

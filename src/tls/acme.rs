@@ -13,6 +13,7 @@
 use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
@@ -52,6 +53,9 @@ pub enum AcmeSetupError {
 pub struct Acme {
     /// Sorted, lower-cased.
     domains: Vec<String>,
+    /// Set once a certificate is deployed; until then normal handshakes are
+    /// refused with a reason rather than failing inside rustls.
+    ready: Arc<AtomicBool>,
     serving: Arc<ServerConfig>,
     challenge: Arc<ServerConfig>,
 }
@@ -74,8 +78,10 @@ impl Acme {
             ),
             None => rustls_acme::AcmeConfig::new_with_provider(&domains, provider()),
         };
+        let ready = Arc::new(AtomicBool::new(false));
         let observed = Arc::new(Observed {
             domains: domains.join(","),
+            ready: Arc::clone(&ready),
             leaf: Mutex::new(None),
             order_started: Mutex::new(None),
         });
@@ -91,6 +97,7 @@ impl Acme {
             serving: Arc::new(serving_config(state.resolver())?),
             challenge: state.challenge_rustls_config_with_provider(provider()),
             domains: domains.clone(),
+            ready,
         });
         info!(
             domains = observed.domains.as_str(),
@@ -112,8 +119,10 @@ impl Acme {
         }
         if is_tls_alpn_challenge(hello) {
             Decision::Challenge(Arc::clone(&self.challenge))
-        } else {
+        } else if self.ready.load(Ordering::Acquire) {
             Decision::Serve(Arc::clone(&self.serving))
+        } else {
+            Decision::Refuse(Refusal::NoCertificateYet)
         }
     }
 }
@@ -180,6 +189,7 @@ fn api_client_config(path: &Path) -> Result<ClientConfig, AcmeSetupError> {
 /// through the cache (loaded at start, or stored right after issuance).
 struct Observed {
     domains: String,
+    ready: Arc<AtomicBool>,
     leaf: Mutex<Option<Leaf>>,
     order_started: Mutex<Option<Instant>>,
 }
@@ -302,10 +312,14 @@ async fn drive(
         };
         match event {
             Some(Ok(EventOk::DeployedCachedCert)) => {
+                observed.ready.store(true, Ordering::Release);
                 renew_at = deployed(&observed, &certificates, &domains, "ACME_CERT_LOADED");
             }
             // Logged once stored, when the cache has shown us the certificate.
-            Some(Ok(EventOk::DeployedNewCert)) => debug!("ACME certificate issued"),
+            Some(Ok(EventOk::DeployedNewCert)) => {
+                observed.ready.store(true, Ordering::Release);
+                debug!("ACME certificate issued");
+            }
             Some(Ok(EventOk::CertCacheStore)) => {
                 renew_at = deployed(&observed, &certificates, &domains, "ACME_CERT_DEPLOYED");
             }
@@ -458,7 +472,16 @@ fn http_failure(text: &str) -> (String, Option<Problem>) {
         let problem: Problem = serde_json::from_str(&body).ok()?;
         Some((format!("the CA answered HTTP {status}"), Some(problem)))
     });
-    parsed.unwrap_or_else(|| (format!("ACME request failed: {text}"), None))
+    parsed.unwrap_or_else(|| {
+        let message = match text
+            .strip_prefix("http error: ")
+            .or_else(|| text.strip_prefix("io error: "))
+        {
+            Some(cause) => format!("cannot reach the ACME server: {cause}"),
+            None => format!("ACME request failed: {text}"),
+        };
+        (message, None)
+    })
 }
 
 /// The deepest cause, which is usually the readable one.
@@ -486,7 +509,7 @@ mod tests {
         );
         assert_eq!(problem.detail.as_deref(), Some("bad nonce"));
         let (message, problem) = http_failure("io error: refused");
-        assert_eq!(message, "ACME request failed: io error: refused");
+        assert_eq!(message, "cannot reach the ACME server: refused");
         assert!(problem.is_none());
     }
 }

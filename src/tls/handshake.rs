@@ -21,11 +21,14 @@ use tracing::{Level, debug, event, info};
 
 use super::{Decision, Tls};
 
-/// A fatal `unrecognized_name` alert (RFC 6066 §3) as a plaintext record:
-/// content type alert, legacy version TLS 1.2, length 2, level fatal,
-/// description 112. rustls only sends `access_denied` when no certificate
-/// resolves, so the record is written here, before any configuration.
-const UNRECOGNIZED_NAME_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70];
+/// A fatal alert as a plaintext record: content type alert, legacy version
+/// TLS 1.2, length 2, level fatal, `description`. rustls has no way to
+/// refuse a ClientHello with a chosen alert (it sends `access_denied` when
+/// no certificate resolves), so refusals write the record themselves,
+/// before any configuration is involved.
+fn fatal_alert(description: u8) -> [u8; 7] {
+    [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, description]
+}
 
 /// A completed handshake, ready for HTTP.
 pub struct Handshaken {
@@ -71,7 +74,7 @@ pub async fn accept(
             let result = timeout_at(deadline, start.into_stream(config)).await;
             match result {
                 Ok(Ok(mut stream)) => {
-                    info!(client_ip = %client_ip, sni = sni.as_deref().unwrap_or("-"), "ACME_CHALLENGE answered");
+                    info!(client_ip = %client_ip, sni = sni.as_deref().unwrap_or("-"), "ACME_CHALLENGE");
                     let _ = timeout_at(deadline, stream.shutdown()).await;
                 }
                 Ok(Err(e)) => failed(Level::INFO, client_ip, sni.as_deref(), &reason(&e)),
@@ -80,7 +83,7 @@ pub async fn accept(
             return None;
         }
         Decision::Refuse(refusal) => {
-            refuse(start.io, deadline).await;
+            refuse(start.io, refusal.alert(), deadline).await;
             failed(Level::INFO, client_ip, sni.as_deref(), refusal.reason());
             return None;
         }
@@ -98,14 +101,14 @@ pub async fn accept(
     }
 }
 
-async fn refuse(mut io: TcpStream, deadline: Instant) {
+async fn refuse(mut io: TcpStream, description: u8, deadline: Instant) {
     let sent = timeout_at(deadline, async {
-        io.write_all(&UNRECOGNIZED_NAME_ALERT).await?;
+        io.write_all(&fatal_alert(description)).await?;
         io.shutdown().await
     })
     .await;
     if let Ok(Err(e)) = sent {
-        debug!("sending unrecognized_name: {e}");
+        debug!("sending alert {description}: {e}");
     }
 }
 

@@ -75,7 +75,7 @@ pub enum Decision {
     /// An ACME server validating a TLS-ALPN-01 challenge: complete the
     /// handshake (which is the answer) and close.
     Challenge(Arc<ServerConfig>),
-    /// Close with an `unrecognized_name` alert.
+    /// Close with an alert: `unrecognized_name` for a name we do not serve.
     Refuse(Refusal),
 }
 
@@ -83,6 +83,8 @@ pub enum Decision {
 pub enum Refusal {
     NoServerName,
     UnknownServerName,
+    /// ACME mode before the first certificate arrived.
+    NoCertificateYet,
 }
 
 impl Refusal {
@@ -90,6 +92,17 @@ impl Refusal {
         match self {
             Self::NoServerName => "no SNI in the ClientHello",
             Self::UnknownServerName => "no certificate for this SNI",
+            Self::NoCertificateYet => "no certificate obtained from the ACME CA yet",
+        }
+    }
+
+    /// The TLS alert description sent (RFC 8446 §6.2).
+    pub fn alert(self) -> u8 {
+        match self {
+            // unrecognized_name
+            Self::NoServerName | Self::UnknownServerName => 112,
+            // internal_error: nothing the client did wrong
+            Self::NoCertificateYet => 80,
         }
     }
 }

@@ -8,6 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,23 +26,35 @@ pub struct Pebble {
     lines: Arc<Mutex<Vec<String>>>,
 }
 
-/// A TCP port that was free a moment ago.
+/// A port that is free now and stays free until we bind it: chosen below
+/// the kernel's ephemeral range, which is where port-0 binds and outgoing
+/// connections (of this and every other test) take their ports from. Each
+/// call in this process gets a different port.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
-/// A port free for both TCP and UDP (a DNS server needs both).
-fn free_dns_port() -> u16 {
-    loop {
-        let tcp = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = tcp.local_addr().expect("addr").port();
-        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u16>().ok())
+        })
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral_low.max(12_000));
+    let span = high - low;
+    // Start somewhere different per process, so parallel test binaries
+    // rarely probe the same ports.
+    let seed = u16::try_from(std::process::id() % u32::from(span)).unwrap_or(0);
+    let _ = NEXT.compare_exchange(0, seed.max(1), Ordering::SeqCst, Ordering::SeqCst);
+    for _ in 0..span {
+        let port = low + NEXT.fetch_add(1, Ordering::SeqCst) % span;
+        let tcp = TcpListener::bind(("127.0.0.1", port));
+        let udp = UdpSocket::bind(("127.0.0.1", port));
+        if tcp.is_ok() && udp.is_ok() {
             return port;
         }
     }
+    panic!("no free port between {low} and {high}");
 }
 
 impl Pebble {
@@ -57,7 +70,7 @@ impl Pebble {
         std::fs::write(path("wfe.key"), &wfe.key_pem).expect("write");
         let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let management = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let dns = SocketAddr::from(([127, 0, 0, 1], free_dns_port()));
+        let dns = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let dns_management = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let config = format!(
             r#"{{"pebble":{{"listenAddress":"{listen}","managementListenAddress":"{management}","certificate":"{}","privateKey":"{}","httpPort":{},"tlsPort":{tls_port},"ocspResponderURL":"","externalAccountBindingRequired":false}}}}"#,

@@ -3,6 +3,7 @@
 //! HTTP/1.1 and HTTP/2 requests over them.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -245,4 +246,43 @@ pub fn legacy_client_hello(version: u16, sni: &str, modern_extensions: bool) -> 
     record.extend_from_slice(&u16::try_from(handshake.len()).expect("len").to_be_bytes());
     record.extend_from_slice(&handshake);
     record
+}
+
+/// Certificate files written to a directory.
+pub struct Files {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+pub fn write_cert(dir: &Path, name: &str, issued: &Issued) -> Files {
+    Files {
+        cert: super::write_file(dir, &format!("{name}.pem"), &issued.cert_pem),
+        key: super::write_file(dir, &format!("{name}.key"), &issued.key_pem),
+    }
+}
+
+/// A manual-mode config: `entries` are (hosts, files), `sites` (host, upstream).
+pub fn manual_config(
+    entries: &[(&[&str], &Files)],
+    sites: &[(&str, String)],
+    server_extra: &str,
+) -> String {
+    let mut toml = format!(
+        "[server]\nbind_addr = \"127.0.0.1:0\"\nlog_level = \"info\"\n{server_extra}\n\n[server.tls]\nmode = \"manual\"\n\n"
+    );
+    for (hosts, files) in entries {
+        let hosts: Vec<String> = hosts.iter().map(|h| format!("{h:?}")).collect();
+        toml.push_str(&format!(
+            "[[server.tls.certs]]\nhosts = [{}]\ncert = {:?}\nkey = {:?}\n\n",
+            hosts.join(", "),
+            files.cert.display().to_string(),
+            files.key.display().to_string(),
+        ));
+    }
+    for (host, upstream) in sites {
+        toml.push_str(&format!(
+            "[[sites]]\nhost = \"{host}\"\nupstream = \"{upstream}\"\n\n"
+        ));
+    }
+    toml
 }
