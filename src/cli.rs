@@ -18,11 +18,7 @@ use crate::logging::{self, LoggingError};
 #[command(version, about)]
 pub struct Cli {
     /// Configuration file.
-    #[arg(
-        long,
-        value_name = "PATH",
-        default_value = "/etc/reverse-proxy/config.toml"
-    )]
+    #[arg(long, value_name = "PATH", default_value = "/etc/reverse-proxy/config.toml")]
     pub config: PathBuf,
     /// Check the configuration and exit: 0 if valid, 2 if not. Binds no
     /// socket and contacts nothing.
@@ -50,10 +46,7 @@ pub fn main() -> ExitCode {
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
         Err(e) => {
-            eprintln!(
-                "reverse-proxy: invalid configuration {}:",
-                cli.config.display()
-            );
+            eprintln!("reverse-proxy: invalid configuration {}:", cli.config.display());
             for line in e.lines() {
                 eprintln!("  {line}");
             }
@@ -101,16 +94,9 @@ fn run(config: Config, path: &Path) -> Result<(), RunError> {
     }
     let runtime = runtime.build().map_err(RunError::Runtime)?;
     runtime.block_on(async {
-        let log = logging::init(
-            &config.server.log_level,
-            config.server.access_log.as_deref(),
-        )?;
+        let log = logging::init(&config.server.log_level, config.server.access_log.as_deref())?;
         for w in &config.warnings {
-            warn!(
-                field = w.field.as_str(),
-                problem = w.message.as_str(),
-                "CONFIG_WARNING"
-            );
+            warn!(field = w.field.as_str(), problem = w.message.as_str(), "CONFIG_WARNING");
         }
         let signals = Signals::install().map_err(RunError::Signals)?;
         let running = Running::start(config).await?;

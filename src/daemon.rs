@@ -45,11 +45,7 @@ pub struct Running {
 impl Running {
     /// Binds the listeners of `config` and starts serving.
     pub async fn start(config: Config) -> Result<Self, StartError> {
-        let Config {
-            server: settings,
-            dynamic,
-            ..
-        } = config;
+        let Config { server: settings, dynamic, .. } = config;
         let main = bind("server.bind_addr", settings.bind_addr)?;
         let local_addr = main.local_addr().map_err(|source| StartError::Bind {
             field: "server.bind_addr",
@@ -176,10 +172,7 @@ impl Running {
         let cut = cut_main + cut_redirect;
         let tunnels = self.state.tunnels();
         tunnels.close();
-        let cut_tunnels = if tokio::time::timeout_at(deadline, tunnels.wait())
-            .await
-            .is_ok()
-        {
+        let cut_tunnels = if tokio::time::timeout_at(deadline, tunnels.wait()).await.is_ok() {
             0
         } else {
             let n = tunnels.len();
@@ -192,9 +185,5 @@ impl Running {
 }
 
 fn bind(field: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
-    listener::bind(addr).map_err(|source| StartError::Bind {
-        field,
-        addr,
-        source,
-    })
+    listener::bind(addr).map_err(|source| StartError::Bind { field, addr, source })
 }

@@ -51,10 +51,7 @@ fn syntax_error_names_line_and_column() {
 
 #[test]
 fn unknown_field_is_rejected() {
-    let (code, _, err) = validate(&GOOD.replace(
-        "upstream = \"http://127.0.0.1:3000\"",
-        "upstrem = \"http://127.0.0.1:3000\"",
-    ));
+    let (code, _, err) = validate(&GOOD.replace("upstream = \"http://127.0.0.1:3000\"", "upstrem = \"http://127.0.0.1:3000\""));
     assert_eq!(code, 2);
     assert!(err.contains("unknown field `upstrem`"), "{err}");
     assert!(err.contains("line 8"), "{err}");
@@ -64,10 +61,7 @@ fn unknown_field_is_rejected() {
 fn duplicate_host_differing_in_case() {
     let (code, _, err) = validate(&GOOD.replace("host = \"b.test\"", "host = \"A.Test\""));
     assert_eq!(code, 2);
-    assert!(
-        err.contains("error: sites[1].host: duplicate of sites[0].host \"a.test\""),
-        "{err}"
-    );
+    assert!(err.contains("error: sites[1].host: duplicate of sites[0].host \"a.test\""), "{err}");
 }
 
 #[test]
@@ -88,18 +82,10 @@ fn bad_upstream_url() {
 
 #[test]
 fn zero_rate_is_out_of_range() {
-    let (code, _, err) = validate(&format!(
-        "{GOOD}\n[rate_limit]\nrequests_per_second = 0\nburst = 0\n"
-    ));
+    let (code, _, err) = validate(&format!("{GOOD}\n[rate_limit]\nrequests_per_second = 0\nburst = 0\n"));
     assert_eq!(code, 2);
-    assert!(
-        err.contains("rate_limit.requests_per_second: must be between 1 and 1000000, got 0"),
-        "{err}"
-    );
-    assert!(
-        err.contains("rate_limit.burst: must be between 1 and 1000000, got 0"),
-        "{err}"
-    );
+    assert!(err.contains("rate_limit.requests_per_second: must be between 1 and 1000000, got 0"), "{err}");
+    assert!(err.contains("rate_limit.burst: must be between 1 and 1000000, got 0"), "{err}");
 }
 
 #[test]
@@ -107,10 +93,7 @@ fn missing_sites() {
     let cut = GOOD.find("[[sites]]").expect("sites");
     let (code, _, err) = validate(&GOOD[..cut]);
     assert_eq!(code, 2);
-    assert!(
-        err.contains("sites: at least one [[sites]] entry is required"),
-        "{err}"
-    );
+    assert!(err.contains("sites: at least one [[sites]] entry is required"), "{err}");
 }
 
 #[test]
@@ -121,11 +104,7 @@ fn every_error_is_reported() {
         + "\n[proxy]\ntrusted_proxies = [\"10.0.0.0/40\"]\n";
     let (code, _, err) = validate(&toml);
     assert_eq!(code, 2);
-    for field in [
-        "server.bind_addr: ",
-        "sites[1].host: ",
-        "proxy.trusted_proxies[0]: ",
-    ] {
+    for field in ["server.bind_addr: ", "sites[1].host: ", "proxy.trusted_proxies[0]: "] {
         assert!(err.contains(field), "missing {field}: {err}");
     }
     assert!(err.contains("config invalid: 3 error(s)"), "{err}");
@@ -139,25 +118,13 @@ fn acme_and_manual_modes_validate() {
     );
     let (code, _, err) = validate(&acme);
     assert_eq!(code, 2);
-    assert!(
-        err.contains("server.tls.acme_contact[0]: must be a \"mailto:\" address"),
-        "{err}"
-    );
+    assert!(err.contains("server.tls.acme_contact[0]: must be a \"mailto:\" address"), "{err}");
 
-    let uncovered = GOOD.replace(
-        "mode = \"off\"",
-        "mode = \"acme\"\nacme_domains = [\"a.test\", \"c.test\"]",
-    );
+    let uncovered = GOOD.replace("mode = \"off\"", "mode = \"acme\"\nacme_domains = [\"a.test\", \"c.test\"]");
     let (code, _, err) = validate(&uncovered);
     assert_eq!(code, 2);
-    assert!(
-        err.contains("server.tls.acme_domains[1]: \"c.test\" has no [[sites]] entry"),
-        "{err}"
-    );
-    assert!(
-        err.contains("site host \"b.test\" is not in the certificate"),
-        "{err}"
-    );
+    assert!(err.contains("server.tls.acme_domains[1]: \"c.test\" has no [[sites]] entry"), "{err}");
+    assert!(err.contains("site host \"b.test\" is not in the certificate"), "{err}");
 
     let manual = GOOD.replace(
         "mode = \"off\"",
@@ -165,20 +132,14 @@ fn acme_and_manual_modes_validate() {
     );
     let (code, _, err) = validate(&manual);
     assert_eq!(code, 2);
-    assert!(
-        err.contains("server.tls.certs[0].cert: file /nonexistent/cert.pem does not exist"),
-        "{err}"
-    );
+    assert!(err.contains("server.tls.certs[0].cert: file /nonexistent/cert.pem does not exist"), "{err}");
 }
 
 #[test]
 fn missing_file_is_one_readable_line() {
     let (code, _, err) = run_binary(&["--validate", "--config", "/nonexistent/config.toml"]);
     assert_eq!(code, 2);
-    assert!(
-        err.contains("cannot read config file /nonexistent/config.toml"),
-        "{err}"
-    );
+    assert!(err.contains("cannot read config file /nonexistent/config.toml"), "{err}");
     let (code, _, err) = run_binary(&["--config", "/nonexistent/config.toml"]);
     assert_eq!(code, 2);
     assert!(err.contains("cannot read config file"), "{err}");
@@ -188,10 +149,7 @@ fn missing_file_is_one_readable_line() {
 fn usage_help_and_version() {
     let (code, out, _) = run_binary(&["--help"]);
     assert_eq!(code, 0);
-    assert!(
-        out.contains("--validate") && out.contains("--config"),
-        "{out}"
-    );
+    assert!(out.contains("--validate") && out.contains("--config"), "{out}");
     let (code, out, _) = run_binary(&["--version"]);
     assert_eq!(code, 0);
     assert!(out.contains(env!("CARGO_PKG_VERSION")), "{out}");
@@ -204,15 +162,8 @@ fn bind_failure_is_a_runtime_error() {
     let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = held.local_addr().expect("addr");
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = write_file(
-        dir.path(),
-        "config.toml",
-        &GOOD.replace("127.0.0.1:1", &addr.to_string()),
-    );
+    let path = write_file(dir.path(), "config.toml", &GOOD.replace("127.0.0.1:1", &addr.to_string()));
     let (code, _, err) = run_binary(&["--config", path.to_str().expect("path")]);
     assert_eq!(code, 1, "{err}");
-    assert!(
-        err.contains(&format!("cannot listen on {addr} (server.bind_addr)")),
-        "{err}"
-    );
+    assert!(err.contains(&format!("cannot listen on {addr} (server.bind_addr)")), "{err}");
 }

@@ -89,14 +89,7 @@ impl Validator {
         }
     }
 
-    fn secs(
-        &mut self,
-        field: &str,
-        value: Option<i64>,
-        default: u64,
-        min: u64,
-        max: u64,
-    ) -> Duration {
+    fn secs(&mut self, field: &str, value: Option<i64>, default: u64, min: u64, max: u64) -> Duration {
         #[allow(clippy::cast_possible_wrap, clippy::cast_sign_loss)]
         let n = self.int(field, value, default as i64, min as i64, max as i64) as u64;
         Duration::from_secs(n)
@@ -145,14 +138,8 @@ impl Validator {
             }
         };
         let access_log = raw.access_log.map(PathBuf::from);
-        if access_log
-            .as_ref()
-            .is_some_and(|p| p.as_os_str().is_empty())
-        {
-            self.error(
-                "server.access_log",
-                "must not be empty (omit it to log to stdout only)",
-            );
+        if access_log.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+            self.error("server.access_log", "must not be empty (omit it to log to stdout only)");
         }
         let worker_threads = raw.worker_threads.map(|_| {
             let n = self.int("server.worker_threads", raw.worker_threads, 1, 1, 1024);
@@ -172,13 +159,7 @@ impl Validator {
             1,
             3600,
         );
-        let idle_timeout = self.secs(
-            "server.idle_timeout_secs",
-            raw.idle_timeout_secs,
-            60,
-            1,
-            3600,
-        );
+        let idle_timeout = self.secs("server.idle_timeout_secs", raw.idle_timeout_secs, 60, 1, 3600);
         let body_read_timeout = self.secs(
             "server.body_read_timeout_secs",
             raw.body_read_timeout_secs,
@@ -187,13 +168,8 @@ impl Validator {
             3600,
         );
         // hyper needs at least 8 KiB of read buffer.
-        let max_header_bytes = self.int(
-            "server.max_header_bytes",
-            raw.max_header_bytes,
-            65536,
-            8192,
-            1 << 20,
-        );
+        let max_header_bytes =
+            self.int("server.max_header_bytes", raw.max_header_bytes, 65536, 8192, 1 << 20);
         let max_connections = self.int(
             "server.max_connections",
             raw.max_connections,
@@ -399,19 +375,13 @@ impl Validator {
         }
         let mut uncovered: Vec<&String> = sites
             .keys()
-            .filter(|site| {
-                !certs
-                    .iter()
-                    .any(|c| c.hosts.iter().any(|h| host_matches(h, site)))
-            })
+            .filter(|site| !certs.iter().any(|c| c.hosts.iter().any(|h| host_matches(h, site))))
             .collect();
         uncovered.sort_unstable();
         for host in uncovered {
             self.warn(
                 "server.tls.certs",
-                format!(
-                    "no certificate entry covers site host {host:?}; its TLS handshakes will fail"
-                ),
+                format!("no certificate entry covers site host {host:?}; its TLS handshakes will fail"),
             );
         }
         Some(certs)
@@ -502,10 +472,7 @@ impl Validator {
             }
             (Some("http"), Some(a)) if a.host().is_empty() => Some("has no host".to_owned()),
             (Some("http"), Some(_)) if !matches!(uri.path(), "" | "/") || uri.query().is_some() => {
-                Some(
-                    "must be an origin like \"http://127.0.0.1:3000\" (no path or query)"
-                        .to_owned(),
-                )
+                Some("must be an origin like \"http://127.0.0.1:3000\" (no path or query)".to_owned())
             }
             (Some("http"), Some(_)) => None,
             (Some(other), _) => Some(format!("scheme must be http, got {other:?}")),
@@ -522,13 +489,7 @@ impl Validator {
     }
 
     fn proxy(&mut self, raw: &RawProxy) -> Option<ProxySettings> {
-        let connect_timeout = self.secs(
-            "proxy.connect_timeout_secs",
-            raw.connect_timeout_secs,
-            5,
-            1,
-            300,
-        );
+        let connect_timeout = self.secs("proxy.connect_timeout_secs", raw.connect_timeout_secs, 5, 1, 300);
         let response_timeout = self.secs(
             "proxy.response_timeout_secs",
             raw.response_timeout_secs,
@@ -554,21 +515,9 @@ impl Validator {
     }
 
     fn rate_limit(&mut self, raw: &RawRateLimit) -> Option<RateLimitSettings> {
-        let rps = self.int(
-            "rate_limit.requests_per_second",
-            raw.requests_per_second,
-            10,
-            1,
-            1_000_000,
-        );
+        let rps = self.int("rate_limit.requests_per_second", raw.requests_per_second, 10, 1, 1_000_000);
         let burst = self.int("rate_limit.burst", raw.burst, 20, 1, 1_000_000);
-        let prefix = self.int(
-            "rate_limit.ipv6_prefix_len",
-            raw.ipv6_prefix_len,
-            64,
-            1,
-            128,
-        );
+        let prefix = self.int("rate_limit.ipv6_prefix_len", raw.ipv6_prefix_len, 64, 1, 128);
         let eviction_interval = self.secs(
             "rate_limit.eviction_interval_secs",
             raw.eviction_interval_secs,

@@ -15,12 +15,7 @@ use signals::{Event, Signals};
 
 /// Serves until SIGTERM/SIGINT, reloading on SIGHUP. Returns once drained;
 /// a second stop signal during the drain exits the process at once.
-pub async fn supervise(
-    running: Running,
-    config_path: &Path,
-    log: &LogHandle,
-    mut signals: Signals,
-) {
+pub async fn supervise(running: Running, config_path: &Path, log: &LogHandle, mut signals: Signals) {
     let sites = running.state().snapshot().config.sites.len();
     notify::ready(&format!("serving {sites} site(s)"));
     loop {
@@ -28,14 +23,13 @@ pub async fn supervise(
             Event::Reload => {
                 notify::reloading();
                 log.reopen_access_log();
-                let status =
-                    match reload::reload(running.state(), config_path, running.static_config()) {
-                        Ok(sites) => format!("serving {sites} site(s); last reload succeeded"),
-                        Err(_) => format!(
-                            "serving {} site(s); last reload FAILED, see the log",
-                            running.state().snapshot().config.sites.len()
-                        ),
-                    };
+                let status = match reload::reload(running.state(), config_path, running.static_config()) {
+                    Ok(sites) => format!("serving {sites} site(s); last reload succeeded"),
+                    Err(_) => format!(
+                        "serving {} site(s); last reload FAILED, see the log",
+                        running.state().snapshot().config.sites.len()
+                    ),
+                };
                 notify::ready(&status);
             }
             Event::Stop => break,

@@ -29,8 +29,5 @@ pub fn reloading() {
 }
 
 pub fn stopping() {
-    send(&[
-        NotifyState::Stopping,
-        NotifyState::Status("draining connections"),
-    ]);
+    send(&[NotifyState::Stopping, NotifyState::Status("draining connections")]);
 }

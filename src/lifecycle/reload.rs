@@ -20,11 +20,7 @@ pub fn reload(state: &AppState, path: &Path, running: &StaticConfig) -> Result<u
         }
     };
     for w in &config.warnings {
-        warn!(
-            field = w.field.as_str(),
-            problem = w.message.as_str(),
-            "CONFIG_WARNING"
-        );
+        warn!(field = w.field.as_str(), problem = w.message.as_str(), "CONFIG_WARNING");
     }
     let restart_needed = static_changes(running, &config.server);
     if !restart_needed.is_empty() {
@@ -84,44 +80,17 @@ pub fn dynamic_changes(old: &DynamicConfig, new: &DynamicConfig) -> Changes {
 pub fn static_changes(old: &StaticConfig, new: &StaticConfig) -> Vec<&'static str> {
     let checks = [
         ("server.bind_addr", old.bind_addr == new.bind_addr),
-        (
-            "server.http_bind_addr",
-            old.http_bind_addr == new.http_bind_addr,
-        ),
+        ("server.http_bind_addr", old.http_bind_addr == new.http_bind_addr),
         ("server.log_level", old.log_level == new.log_level),
         ("server.access_log", old.access_log == new.access_log),
-        (
-            "server.access_log_format",
-            old.access_log_format == new.access_log_format,
-        ),
-        (
-            "server.worker_threads",
-            old.worker_threads == new.worker_threads,
-        ),
-        (
-            "server.shutdown_timeout_secs",
-            old.shutdown_timeout == new.shutdown_timeout,
-        ),
-        (
-            "server.header_read_timeout_secs",
-            old.header_read_timeout == new.header_read_timeout,
-        ),
-        (
-            "server.idle_timeout_secs",
-            old.idle_timeout == new.idle_timeout,
-        ),
-        (
-            "server.max_header_bytes",
-            old.max_header_bytes == new.max_header_bytes,
-        ),
-        (
-            "server.max_connections",
-            old.max_connections == new.max_connections,
-        ),
-        (
-            "server.body_read_timeout_secs",
-            old.body_read_timeout == new.body_read_timeout,
-        ),
+        ("server.access_log_format", old.access_log_format == new.access_log_format),
+        ("server.worker_threads", old.worker_threads == new.worker_threads),
+        ("server.shutdown_timeout_secs", old.shutdown_timeout == new.shutdown_timeout),
+        ("server.header_read_timeout_secs", old.header_read_timeout == new.header_read_timeout),
+        ("server.idle_timeout_secs", old.idle_timeout == new.idle_timeout),
+        ("server.max_header_bytes", old.max_header_bytes == new.max_header_bytes),
+        ("server.max_connections", old.max_connections == new.max_connections),
+        ("server.body_read_timeout_secs", old.body_read_timeout == new.body_read_timeout),
         ("server.tls", old.tls == new.tls),
         ("admin", old.admin == new.admin),
     ];

@@ -74,12 +74,7 @@ fn normalize(authority: &Authority) -> Result<String, HostError> {
     let host = authority.host();
     // `Authority` accepts an empty or non-numeric port; a Host must not.
     let port = &text[host.len()..];
-    if !port.is_empty()
-        && port
-            .strip_prefix(':')
-            .and_then(|p| p.parse::<u16>().ok())
-            .is_none()
-    {
+    if !port.is_empty() && port.strip_prefix(':').and_then(|p| p.parse::<u16>().ok()).is_none() {
         return Err(HostError::Malformed);
     }
     if host.starts_with('[') {

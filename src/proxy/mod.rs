@@ -18,8 +18,8 @@ use http::{HeaderValue, Method, StatusCode, Uri, Version, header};
 use tracing::{info, warn};
 
 use crate::client_ip::client_ip;
-use crate::config::Site;
 use crate::conn_info::ConnInfo;
+use crate::config::Site;
 use crate::logging::ACCESS;
 use crate::state::AppState;
 use host::{RequestHost, request_host};
@@ -151,7 +151,10 @@ async fn forward(
             return plain(status, "bad gateway: the upstream could not be reached\n");
         }
         Err(_) => {
-            upstream_error(site, &format!("no response within {} s", timeout.as_secs()));
+            upstream_error(
+                site,
+                &format!("no response within {} s", timeout.as_secs()),
+            );
             return plain(
                 StatusCode::GATEWAY_TIMEOUT,
                 "gateway timeout: the upstream did not answer in time\n",
@@ -161,10 +164,7 @@ async fn forward(
 
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client_upgrade) = client_upgrade else {
-            upstream_error(
-                site,
-                "101 Switching Protocols to a request that did not ask to upgrade",
-            );
+            upstream_error(site, "101 Switching Protocols to a request that did not ask to upgrade");
             return plain(StatusCode::BAD_GATEWAY, "bad gateway\n");
         };
         let upstream_upgrade = hyper::upgrade::on(&mut response);

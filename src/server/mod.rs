@@ -261,10 +261,7 @@ impl Server {
         let cut = self.inner.connections.len();
         self.inner.kill.cancel();
         self.inner.connections.wait().await;
-        warn!(
-            connections = cut,
-            "grace period over; closing connections still open"
-        );
+        warn!(connections = cut, "grace period over; closing connections still open");
         cut
     }
 }

@@ -39,9 +39,7 @@ pub struct Upstream {
 impl Upstream {
     /// Serves `router`; every request is counted first.
     pub async fn start(router: Router) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind upstream");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
         let addr = listener.local_addr().expect("addr");
         let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = Arc::clone(&hits);
@@ -96,9 +94,7 @@ pub fn config(sites: &[(&str, &str)], server_extra: &str, extra: &str) -> String
         "[server]\nbind_addr = \"127.0.0.1:0\"\nlog_level = \"info\"\n{server_extra}\n\n[server.tls]\nmode = \"off\"\n\n"
     );
     for (host, upstream) in sites {
-        toml.push_str(&format!(
-            "[[sites]]\nhost = \"{host}\"\nupstream = \"{upstream}\"\n\n"
-        ));
+        toml.push_str(&format!("[[sites]]\nhost = \"{host}\"\nupstream = \"{upstream}\"\n\n"));
     }
     toml.push_str(extra);
     toml
@@ -160,10 +156,7 @@ impl ProxyProcess {
             dir,
             lines,
         };
-        let listen = proxy.wait_for_line(
-            |l| l.contains(" LISTEN ") && l.contains("proto=http"),
-            Duration::from_secs(20),
-        );
+        let listen = proxy.wait_for_line(|l| l.contains(" LISTEN ") && l.contains("proto=http"), Duration::from_secs(20));
         proxy.addr = field(&listen, "addr").parse().expect("LISTEN addr");
         proxy
     }
@@ -207,21 +200,14 @@ impl ProxyProcess {
                 let out = guard.join("\n");
                 drop(guard);
                 let status = self.child.try_wait().ok().flatten();
-                panic!(
-                    "expected log line did not appear within {timeout:?} (exit: {status:?}); output:\n{out}"
-                );
+                panic!("expected log line did not appear within {timeout:?} (exit: {status:?}); output:\n{out}");
             }
             guard = cv.wait_timeout(guard, deadline - now).expect("wait").0;
         }
     }
 
     /// Waits until `n` lines match `pred`.
-    pub fn wait_for_count(
-        &self,
-        pred: impl Fn(&str) -> bool,
-        n: usize,
-        timeout: Duration,
-    ) -> Vec<String> {
+    pub fn wait_for_count(&self, pred: impl Fn(&str) -> bool, n: usize, timeout: Duration) -> Vec<String> {
         let deadline = Instant::now() + timeout;
         let (store, cv) = &*self.lines;
         let mut guard = store.lock().expect("lock");
@@ -231,12 +217,7 @@ impl ProxyProcess {
                 return found;
             }
             let now = Instant::now();
-            assert!(
-                now < deadline,
-                "only {} of {n} lines within {timeout:?}:\n{}",
-                found.len(),
-                guard.join("\n")
-            );
+            assert!(now < deadline, "only {} of {n} lines within {timeout:?}:\n{}", found.len(), guard.join("\n"));
             guard = cv.wait_timeout(guard, deadline - now).expect("wait").0;
         }
     }
@@ -257,18 +238,14 @@ impl ProxyProcess {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status.code();
             }
-            assert!(
-                Instant::now() < deadline,
-                "proxy did not exit within {timeout:?}"
-            );
+            assert!(Instant::now() < deadline, "proxy did not exit within {timeout:?}");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
     /// Peak and current resident memory in KiB, from /proc.
     pub fn rss_kib(&self) -> (u64, u64) {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("proc status");
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("proc status");
         let get = |key: &str| {
             status
                 .lines()
@@ -291,10 +268,7 @@ impl Drop for ProxyProcess {
 /// The value of `key=` in a log line (unquoted values only).
 pub fn field(line: &str, key: &str) -> String {
     let needle = format!(" {key}=");
-    let start = line
-        .find(&needle)
-        .unwrap_or_else(|| panic!("no {key}= in {line}"))
-        + needle.len();
+    let start = line.find(&needle).unwrap_or_else(|| panic!("no {key}= in {line}")) + needle.len();
     line[start..].split(' ').next().unwrap_or("").to_owned()
 }
 
