@@ -377,7 +377,7 @@ fn deployed(
         not_after_unix: leaf.not_after_unix,
     }]);
     let wait = u64::try_from(renew_unix - now_unix()).unwrap_or(0);
-    Some(tokio::time::Instant::now() + std::time::Duration::from_secs(wait))
+    tokio::time::Instant::now().checked_add(std::time::Duration::from_secs(wait))
 }
 
 fn report(domains: &str, e: &EventError<io::Error, io::Error>) {
