@@ -12,7 +12,7 @@
 
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use axum::Router;
 use axum::extract::State;
@@ -25,6 +25,7 @@ use tokio::net::TcpStream;
 use crate::metrics::{self, Metrics};
 use crate::server::Server;
 use crate::state::{AppState, Snapshot};
+use crate::tls::Certificates;
 
 /// Upper bound of one upstream connect check; shorter when
 /// `proxy.connect_timeout_secs` is.
@@ -36,6 +37,8 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     /// The public server, whose listeners readiness checks.
     pub server: Server,
+    /// The certificates served, whose expiry each scrape reports.
+    pub certificates: Certificates,
 }
 
 pub fn router(admin: Admin) -> Router {
@@ -53,6 +56,13 @@ async fn scrape(State(admin): State<Admin>) -> Response {
     admin
         .metrics
         .set_upstreams_up(probes.iter().map(|p| (p.host.as_str(), p.error.is_none())));
+    for cert in admin.certificates.current().iter() {
+        let not_after = u64::try_from(cert.not_after_unix)
+            .map_or(UNIX_EPOCH, |secs| UNIX_EPOCH + Duration::from_secs(secs));
+        admin
+            .metrics
+            .set_certificate_not_after(&cert.name, not_after);
+    }
     (
         [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
         admin.metrics.encode(),

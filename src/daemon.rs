@@ -12,9 +12,11 @@ use tracing::info;
 use crate::admin::{self, Admin};
 use crate::config::{Config, StaticConfig, TlsConfig};
 use crate::metrics::{Metrics, MetricsError};
+use crate::redirect;
 use crate::router::router;
 use crate::server::{Server, listener};
 use crate::state::AppState;
+use crate::tls::{self, Certificates, Tls, TlsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -24,8 +26,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: io::Error,
     },
-    #[error("server.tls.mode = \"{0}\" is not supported by this build")]
-    TlsUnsupported(&'static str),
+    #[error("{0}")]
+    Tls(#[from] TlsError),
     #[error("{0}")]
     Metrics(#[from] MetricsError),
 }
@@ -33,12 +35,19 @@ pub enum StartError {
 /// A started proxy: listeners bound and serving.
 pub struct Running {
     server: Server,
+    /// The plain-HTTP redirect listener's server and address, if configured.
+    redirect: Option<(Server, SocketAddr)>,
+    /// The admin listener's server and address, with `[admin]`.
+    admin: Option<(Server, SocketAddr)>,
+    tls: Option<Tls>,
+    certificates: Certificates,
     state: AppState,
     static_config: StaticConfig,
     local_addr: SocketAddr,
-    /// The admin listener's server and address, with `[admin]`.
-    admin: Option<(Server, SocketAddr)>,
     tasks: JoinSet<()>,
+    /// Work that lives as long as the process (the ACME state machine);
+    /// aborted on shutdown.
+    background: JoinSet<()>,
 }
 
 impl Running {
@@ -55,16 +64,12 @@ impl Running {
             addr: settings.bind_addr,
             source,
         })?;
+        let redirect_listener = match settings.http_bind_addr {
+            Some(addr) => Some(bind_with_addr("server.http_bind_addr", addr)?),
+            None => None,
+        };
         let admin_listener = match &settings.admin {
-            Some(admin) => {
-                let listener = bind("admin.bind_addr", admin.bind_addr)?;
-                let addr = listener.local_addr().map_err(|source| StartError::Bind {
-                    field: "admin.bind_addr",
-                    addr: admin.bind_addr,
-                    source,
-                })?;
-                Some((listener, addr))
-            }
+            Some(admin) => Some(bind_with_addr("admin.bind_addr", admin.bind_addr)?),
             None => None,
         };
         // Without an admin listener nobody could read metrics: record none.
@@ -73,23 +78,50 @@ impl Running {
             .then(Metrics::new)
             .transpose()?
             .map(Arc::new);
+
+        tls::install_provider();
+        let certificates = Certificates::default();
+        let mut background = JoinSet::new();
+        let tls = match &settings.tls {
+            TlsConfig::Off => None,
+            TlsConfig::Acme(acme) => {
+                let (acme, driver) =
+                    tls::acme::Acme::start(acme, certificates.clone()).map_err(TlsError::from)?;
+                background.spawn(driver);
+                Some(Tls::Acme(acme))
+            }
+            TlsConfig::Manual(certs) => Some(Tls::Manual(
+                tls::manual::Resolver::load(certs, certificates.clone()).map_err(TlsError::from)?,
+            )),
+        };
+
         let state = AppState::new(dynamic, metrics.clone());
         let server = Server::with_metrics(&settings, router(state.clone()), metrics.clone());
         let mut tasks = JoinSet::new();
-        match &settings.tls {
-            TlsConfig::Off => {
+        match &tls {
+            None => {
                 let server = server.clone();
                 tasks.spawn(async move { server.serve_plain(main).await });
             }
-            TlsConfig::Acme(_) => return Err(StartError::TlsUnsupported("acme")),
-            TlsConfig::Manual(_) => return Err(StartError::TlsUnsupported("manual")),
+            Some(tls) => {
+                let (server, tls) = (server.clone(), tls.clone());
+                let timeout = settings.header_read_timeout;
+                tasks.spawn(async move { server.serve_tls(main, tls, timeout).await });
+            }
         }
-        let scheme = if matches!(settings.tls, TlsConfig::Off) {
-            "http"
-        } else {
-            "https"
-        };
+        let scheme = if tls.is_none() { "http" } else { "https" };
         info!(addr = %local_addr, proto = scheme, "LISTEN");
+
+        let redirect = redirect_listener.map(|(listener, addr)| {
+            let redirect = Server::new(
+                &settings,
+                redirect::router(state.clone(), local_addr.port()),
+            );
+            let serving = redirect.clone();
+            tasks.spawn(async move { serving.serve_plain(listener).await });
+            info!(addr = %addr, proto = "http", role = "redirect", "LISTEN");
+            (redirect, addr)
+        });
         let admin = match (admin_listener, metrics) {
             (Some((listener, addr)), Some(metrics)) => {
                 let admin = Server::new(
@@ -98,6 +130,7 @@ impl Running {
                         state: state.clone(),
                         metrics,
                         server: server.clone(),
+                        certificates: certificates.clone(),
                     }),
                 );
                 let serving = admin.clone();
@@ -109,11 +142,15 @@ impl Running {
         };
         Ok(Self {
             server,
+            redirect,
+            admin,
+            tls,
+            certificates,
             state,
             static_config: settings,
             local_addr,
-            admin,
             tasks,
+            background,
         })
     }
 
@@ -129,6 +166,11 @@ impl Running {
         &self.static_config
     }
 
+    /// The plain-HTTP redirect listener's address, if one is configured.
+    pub fn redirect_addr(&self) -> Option<SocketAddr> {
+        self.redirect.as_ref().map(|(_, addr)| *addr)
+    }
+
     /// The admin listener's address, with `[admin]`.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().map(|(_, addr)| *addr)
@@ -137,6 +179,20 @@ impl Running {
     /// The metrics, recorded only with `[admin]`.
     pub fn metrics(&self) -> Option<&Arc<Metrics>> {
         self.state.metrics()
+    }
+
+    /// The certificates being served and their expiry, for monitoring.
+    pub fn certificates(&self) -> Certificates {
+        self.certificates.clone()
+    }
+
+    /// The manual-mode certificate resolver, whose `reload` reads the
+    /// certificate files again; `None` in the other modes.
+    pub fn manual_certificates(&self) -> Option<&tls::manual::Resolver> {
+        match &self.tls {
+            Some(Tls::Manual(resolver)) => Some(resolver),
+            _ => None,
+        }
     }
 
     /// Stops accepting, lets connections and tunnels finish within
@@ -153,9 +209,10 @@ impl Running {
     /// nobody reads. Open connections are not touched.
     pub async fn close_listeners(&mut self) {
         self.server.stop();
-        if let Some((admin, _)) = &self.admin {
-            admin.stop();
+        for (server, _) in self.redirect.iter().chain(&self.admin) {
+            server.stop();
         }
+        self.background.abort_all();
         // Each listener is owned by its accept loop and closes as it returns.
         while self.tasks.join_next().await.is_some() {}
     }
@@ -169,11 +226,12 @@ impl Running {
     /// response; HTTP/2: GOAWAY), waits for them and for upgraded tunnels
     /// until `deadline`, then closes whatever is left.
     pub async fn drain(self, deadline: Instant) -> Drained {
-        let connections = self.server.drain(deadline).await;
-        if let Some((admin, _)) = &self.admin {
-            // Scrapes are quick; the admin listener shares the deadline.
-            admin.drain(deadline).await;
-        }
+        let side_drains = async {
+            for (server, _) in self.redirect.iter().chain(&self.admin) {
+                server.drain(deadline).await;
+            }
+        };
+        let (connections, ()) = tokio::join!(self.server.drain(deadline), side_drains);
         // Tunnels are waited for only now: a request still in flight above
         // may have turned into one. They share the connections' deadline.
         let tunnels = self.state.tunnels();
@@ -217,4 +275,18 @@ fn bind(field: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener
         addr,
         source,
     })
+}
+
+/// Binds and reads back the bound address (the port, when it was 0).
+fn bind_with_addr(
+    field: &'static str,
+    addr: SocketAddr,
+) -> Result<(tokio::net::TcpListener, SocketAddr), StartError> {
+    let listener = bind(field, addr)?;
+    let local = listener.local_addr().map_err(|source| StartError::Bind {
+        field,
+        addr,
+        source,
+    })?;
+    Ok((listener, local))
 }

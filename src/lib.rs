@@ -5,6 +5,8 @@
 //!
 //! - [`server`]: accept (connection limit, accept back-off), HTTP/1.1 and
 //!   HTTP/2 via hyper-util, timeouts, idle close, graceful drain.
+//! - [`tls`]: the TLS handshake on the main listener, certificates from
+//!   ACME or from files chosen by SNI.
 //! - [`router`]: the request pipeline: `/health`, then the proxy.
 //! - [`client_ip`]: who the client is (trusted proxies, `X-Forwarded-For`).
 //! - [`proxy`]: host routing, header rewriting, streaming to the upstream,
@@ -12,6 +14,8 @@
 //! - [`logging`]: the access lines and where they go.
 //! - [`metrics`]: Prometheus counters and histograms, recorded along the
 //!   way when the [`admin`] listener (`/metrics`, `/health/ready`) is on.
+//! - [`redirect`]: the optional plain-HTTP listener that sends clients to
+//!   `https://`.
 //!
 //! Around it: [`config`] (the file, validated into static and dynamic parts),
 //! [`state`] (the current dynamic snapshot, swapped on reload), [`daemon`]
@@ -28,6 +32,8 @@ pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
+pub mod redirect;
 pub mod router;
 pub mod server;
 pub mod state;
+pub mod tls;

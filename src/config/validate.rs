@@ -17,6 +17,7 @@ use super::{
     DynamicConfig, FieldError, ProxySettings, RateLimitSettings, Site, StaticConfig, TlsConfig,
     Upstream,
 };
+use crate::tls::certs::{self, Concern};
 
 const DEFAULT_ACME_CACHE_DIR: &str = "/var/lib/reverse-proxy/acme-cache";
 
@@ -376,19 +377,25 @@ impl Validator {
                 }
                 hosts.push(name);
             }
+            let mut files_exist = true;
             for (name, path) in [("cert", &c.cert), ("key", &c.key)] {
                 if !PathBuf::from(path).is_file() {
+                    files_exist = false;
                     self.error(
                         format!("server.tls.certs[{i}].{name}"),
                         format!("file {path} does not exist"),
                     );
                 }
             }
-            certs.push(CertFiles {
+            let files = CertFiles {
                 hosts,
                 cert: c.cert.into(),
                 key: c.key.into(),
-            });
+            };
+            if files_exist {
+                self.cert_files(i, &files);
+            }
+            certs.push(files);
         }
         let mut uncovered: Vec<&String> = sites
             .keys()
@@ -408,6 +415,33 @@ impl Validator {
             );
         }
         Some(certs)
+    }
+
+    /// Parses a manual certificate entry's files: they must parse, the key
+    /// must match, and the certificate must not have expired.
+    fn cert_files(&mut self, i: usize, files: &CertFiles) {
+        match certs::load(files) {
+            Ok(loaded) => {
+                for concern in certs::concerns(&loaded.leaf, &files.hosts, certs::now_unix()) {
+                    let message = concern.to_string();
+                    match concern {
+                        Concern::Expired { .. } => {
+                            self.error(format!("server.tls.certs[{i}].cert"), message);
+                        }
+                        Concern::ExpiresSoon { .. } => {
+                            self.warn(format!("server.tls.certs[{i}].cert"), message);
+                        }
+                        Concern::Uncovered { .. } => {
+                            self.warn(format!("server.tls.certs[{i}].hosts"), message);
+                        }
+                    }
+                }
+            }
+            Err(e) => self.error(
+                format!("server.tls.certs[{i}].{}", e.part().field()),
+                e.to_string(),
+            ),
+        }
     }
 
     /// A DNS host name, lower-cased. `wildcard` allows a leading `*.` label.

@@ -36,7 +36,13 @@ pub async fn supervise(
         // First, and whatever the new file says: logrotate has already
         // moved the old file away and waits for this.
         log.reopen_access_log();
-        let result = reload::reload(running.state(), config_path, running.static_config()).await;
+        let result = reload::reload(
+            running.state(),
+            config_path,
+            running.static_config(),
+            running.manual_certificates(),
+        )
+        .await;
         notify::ready(&serving(&running, Some(result.is_ok())));
     }
 

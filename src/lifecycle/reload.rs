@@ -11,29 +11,36 @@ use std::path::Path;
 
 use tracing::{error, info, warn};
 
-use crate::config::{Config, ConfigError, DynamicConfig, StaticConfig};
+use crate::config::{Config, ConfigError, DynamicConfig, StaticConfig, TlsConfig};
 use crate::state::AppState;
+use crate::tls::manual::{ManualError, Resolver};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
     #[error("{}", .0.lines().join("; "))]
     Config(#[from] ConfigError),
+    #[error("{0}")]
+    Certificates(#[from] ManualError),
     #[error("the reload task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
 
 /// Reloads the dynamic part of the configuration at `path` into `state`,
-/// logging the outcome. Returns the new number of sites.
+/// logging the outcome. With manual TLS, `certificates` is the running
+/// resolver: its certificate files are read again too. Returns the new
+/// number of sites.
 pub async fn reload(
     state: &AppState,
     path: &Path,
     running: &StaticConfig,
+    certificates: Option<&Resolver>,
 ) -> Result<usize, ReloadError> {
     let path = path.to_owned();
-    let prepared = tokio::task::spawn_blocking(move || prepare(&path))
+    let resolver = certificates.cloned();
+    let prepared = tokio::task::spawn_blocking(move || prepare(&path, resolver.as_ref()))
         .await
         .map_err(ReloadError::from)
-        .and_then(|config| config.map_err(ReloadError::from));
+        .and_then(|config| config);
     match prepared {
         Ok(config) => Ok(commit(state, running, config)),
         Err(e) => {
@@ -50,9 +57,16 @@ pub async fn reload(
     }
 }
 
-/// Reads and validates the file completely; nothing is changed yet.
-pub fn prepare(path: &Path) -> Result<Config, ConfigError> {
-    Config::load(path)
+/// Reads and validates the file completely, then loads the manual-mode
+/// certificates it names. Nothing is changed unless all of that worked;
+/// the certificates are the only part swapped here (all of them or none).
+pub fn prepare(path: &Path, certificates: Option<&Resolver>) -> Result<Config, ReloadError> {
+    let config = Config::load(path)?;
+    if let (Some(resolver), TlsConfig::Manual(entries)) = (certificates, &config.server.tls) {
+        let loaded = resolver.reload(entries)?;
+        info!(certificates = loaded, "TLS_RELOAD");
+    }
+    Ok(config)
 }
 
 /// Makes a prepared configuration the one new requests see, and says what
@@ -165,7 +179,9 @@ pub fn static_changes(old: &StaticConfig, new: &StaticConfig) -> Vec<&'static st
             "server.body_read_timeout_secs",
             old.body_read_timeout == new.body_read_timeout,
         ),
-        ("server.tls", old.tls == new.tls),
+        // Manual certificates are read again on reload; switching modes
+        // or changing ACME settings needs a restart.
+        ("server.tls", same_tls_setup(&old.tls, &new.tls)),
         ("admin", old.admin == new.admin),
     ];
     checks
@@ -173,6 +189,10 @@ pub fn static_changes(old: &StaticConfig, new: &StaticConfig) -> Vec<&'static st
         .filter(|(_, same)| !same)
         .map(|(name, _)| name)
         .collect()
+}
+
+fn same_tls_setup(old: &TlsConfig, new: &TlsConfig) -> bool {
+    matches!((old, new), (TlsConfig::Manual(_), TlsConfig::Manual(_))) || old == new
 }
 
 fn list(hosts: &[String]) -> String {

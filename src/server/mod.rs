@@ -35,6 +35,7 @@ use crate::client_ip::canonical;
 use crate::config::StaticConfig;
 use crate::conn_info::ConnInfo;
 use crate::metrics::{Metrics, TlsHandshake};
+use crate::tls::{Tls, handshake};
 use activity::{Activity, TrackedBody, TrackedIo};
 
 /// HTTP/2 streams one connection may have open at once (Envoy and the h2
@@ -153,6 +154,48 @@ impl Server {
     pub async fn serve_plain(&self, listener: TcpListener) {
         self.accept_loop(listener, |server, stream, info, permit| {
             server.spawn_connection(stream, info, permit);
+        })
+        .await;
+    }
+
+    /// Accepts TLS connections until [`Server::stop`] is called. Each
+    /// handshake runs in its own task, bounded by `handshake_timeout`, so a
+    /// slow or silent client holds up nobody else.
+    pub async fn serve_tls(&self, listener: TcpListener, tls: Tls, handshake_timeout: Duration) {
+        self.accept_loop(listener, |server, stream, info, permit| {
+            let server = server.clone();
+            let tls = tls.clone();
+            self.inner.connections.spawn(async move {
+                let handshake = handshake::accept(stream, &tls, info.peer, handshake_timeout);
+                let done = tokio::select! {
+                    done = handshake => done,
+                    () = server.inner.stop.cancelled() => return,
+                };
+                match done {
+                    Ok(done) => {
+                        server.record_tls_handshake(TlsHandshake::Success);
+                        let tls_version = match done.stream.get_ref().1.protocol_version() {
+                            Some(rustls::ProtocolVersion::TLSv1_3) => Some("TLSv1.3"),
+                            Some(rustls::ProtocolVersion::TLSv1_2) => Some("TLSv1.2"),
+                            _ => None,
+                        };
+                        let info = ConnInfo {
+                            https: true,
+                            sni: done.sni,
+                            tls_version,
+                            ..info
+                        };
+                        server.spawn_connection(done.stream, info, permit);
+                    }
+                    Err(handshake::Ended::Challenge) => {}
+                    Err(handshake::Ended::Failed) => {
+                        server.record_tls_handshake(TlsHandshake::Failure);
+                    }
+                    Err(handshake::Ended::TimedOut) => {
+                        server.record_tls_handshake(TlsHandshake::Timeout);
+                    }
+                }
+            });
         })
         .await;
     }

@@ -5,6 +5,8 @@
 #![allow(dead_code)]
 
 pub mod lifecycle;
+pub mod pebble;
+pub mod tls;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -185,6 +187,17 @@ impl ProxyProcess {
             Duration::from_secs(20),
         );
         field(&line, "addr").parse().expect("admin LISTEN addr")
+    }
+
+    /// The address of the extra listener whose `LISTEN` line has
+    /// `role=<role>` (e.g. `redirect` for `http_bind_addr`).
+    pub fn listen_addr(&mut self, role: &str) -> SocketAddr {
+        let tag = format!(" role={role}");
+        let line = self.wait_for_line(
+            |l| l.contains(" LISTEN ") && l.contains(&tag),
+            Duration::from_secs(20),
+        );
+        field(&line, "addr").parse().expect("LISTEN addr")
     }
 
     pub fn config_path(&self) -> PathBuf {
