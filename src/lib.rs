@@ -9,6 +9,7 @@
 //! - [`client_ip`]: who the client is (trusted proxies, `X-Forwarded-For`).
 //! - [`proxy`]: host routing, header rewriting, streaming to the upstream,
 //!   upgrades.
+//! - [`body_timeout`]: request bodies that stop arriving are cut off.
 //! - [`logging`]: the access lines and where they go.
 //!
 //! Around it: [`config`] (the file, validated into static and dynamic parts),
@@ -16,6 +17,7 @@
 //! (binding and starting everything), [`lifecycle`] (signals, reload,
 //! systemd notifications, shutdown) and [`cli`] (arguments and exit codes).
 
+pub mod body_timeout;
 pub mod cli;
 pub mod client_ip;
 pub mod config;

@@ -62,6 +62,19 @@ pub fn request_host<B>(req: &Request<B>) -> Result<RequestHost, HostError> {
     Ok(RequestHost { name, authority })
 }
 
+/// Whether a request for `host` may be served on a connection whose TLS
+/// handshake asked for `sni`. Without TLS, or without SNI (a client that
+/// connected by IP address), there is nothing to compare. A client that
+/// asked for one site must not be handed another over that connection (RFC
+/// 9110 §15.5.20: 421), or a certificate valid for one name would vouch for
+/// content of another.
+pub fn sni_matches(sni: Option<&str>, host: &str) -> bool {
+    sni.is_none_or(|sni| {
+        let sni = sni.strip_suffix('.').unwrap_or(sni);
+        sni.eq_ignore_ascii_case(host)
+    })
+}
+
 fn same_authority(a: &Authority, b: &Authority) -> bool {
     a.host().eq_ignore_ascii_case(b.host()) && a.port_u16() == b.port_u16()
 }
@@ -127,6 +140,15 @@ mod tests {
     fn absolute_form_wins() {
         let h = h1("http://b.test/x", &["a.test"]).expect("host");
         assert_eq!(h.name, "b.test");
+    }
+
+    #[test]
+    fn sni_must_name_the_host() {
+        assert!(sni_matches(None, "a.test"));
+        assert!(sni_matches(Some("a.test"), "a.test"));
+        assert!(sni_matches(Some("A.Test."), "a.test"));
+        assert!(!sni_matches(Some("b.test"), "a.test"));
+        assert!(!sni_matches(Some("a.test"), "[::1]"));
     }
 
     #[test]

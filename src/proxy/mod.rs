@@ -17,6 +17,7 @@ use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderValue, Method, StatusCode, Uri, Version, header};
 use tracing::{info, warn};
 
+use crate::body_timeout::BodyStalled;
 use crate::client_ip::client_ip;
 use crate::config::Site;
 use crate::conn_info::ConnInfo;
@@ -46,6 +47,19 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
         path: uri.path(),
         started,
     };
+    if !headers::transfer_coding_is_chunked_only(req.headers()) {
+        // hyper has decoded the chunked framing; any other coding would be
+        // lost on the way to the upstream, which would misread the body.
+        let mut response = plain(
+            StatusCode::NOT_IMPLEMENTED,
+            "not implemented: only the chunked transfer coding is supported\n",
+        );
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        log.emit("-", response.status(), "-");
+        return response;
+    }
     let host = match request_host(&req) {
         Ok(host) => host,
         Err(e) => {
@@ -54,6 +68,16 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
             return response;
         }
     };
+    if !host::sni_matches(conn.sni.as_deref(), &host.name) {
+        // TLS was set up for one site; serving another on that connection
+        // would let a client reach it under the wrong certificate's trust.
+        let response = plain(
+            StatusCode::MISDIRECTED_REQUEST,
+            "misdirected request: the TLS server name differs from the requested host\n",
+        );
+        log.emit(&host.name, response.status(), "-");
+        return response;
+    }
     let Some(site) = snapshot.config.site(&host.name) else {
         let response = plain(
             StatusCode::MISDIRECTED_REQUEST,
@@ -64,6 +88,7 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
     };
     let upstream = site.upstream.to_string();
     let response = forward(&state, &snapshot, site, &host, &conn, client, req).await;
+
     log.emit(&host.name, response.status(), &upstream);
     response
 }
@@ -146,6 +171,24 @@ async fn forward(
     let mut response = match sent {
         Ok(Ok(response)) => response,
         Ok(Err(e)) => {
+            if let Some(BodyStalled(after)) = BodyStalled::find(&e) {
+                // The client's fault, not the upstream's: the upstream
+                // request was aborted because the body stopped arriving.
+                info!(
+                    client_ip = %client,
+                    host = host.name.as_str(),
+                    timeout_secs = after.as_secs(),
+                    "BODY_TIMEOUT"
+                );
+                let mut response = plain(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request timeout: the request body stopped arriving\n",
+                );
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return response;
+            }
             let status = StatusCode::BAD_GATEWAY;
             upstream_error(site, &describe(&e));
             return plain(status, "bad gateway: the upstream could not be reached\n");

@@ -1,9 +1,14 @@
-//! Per-connection activity, for the idle timeout: when the connection last
-//! moved a byte, and how many requests on it are still being answered. A
-//! connection is idle only when nothing is in flight and nothing moved —
-//! a slow upstream or a long download is not idleness.
+//! Per-connection activity, for the idle timeout: how many requests on the
+//! connection are still being answered, and when the last one finished. A
+//! connection is idle only when nothing is in flight — a slow upstream or a
+//! long download is not idleness.
+//!
+//! Bytes on the wire deliberately do not count: HTTP/2 keep-alive PINGs (our
+//! own and their acknowledgements) would otherwise keep an unused connection
+//! open for ever, and a client could do the same with a trickle of control
+//! frames. A request head that is still arriving is bounded by the
+//! header read timeout instead.
 
-use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -12,11 +17,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 pub struct Activity {
     origin: Instant,
-    /// Milliseconds since `origin` of the last byte read or written.
+    /// Milliseconds since `origin` when the last request finished (or the
+    /// connection opened).
     last_ms: AtomicU64,
     in_flight: AtomicUsize,
 }
@@ -35,7 +40,7 @@ impl Activity {
         self.last_ms.store(ms, Ordering::Relaxed);
     }
 
-    /// When the connection counts as idle if nothing happens before then;
+    /// When the connection counts as idle if no request starts before then;
     /// `None` while a request is in flight.
     pub fn idle_deadline(&self, idle: Duration) -> Option<Instant> {
         if self.in_flight.load(Ordering::Relaxed) > 0 {
@@ -84,71 +89,5 @@ impl Body for TrackedBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
-    }
-}
-
-/// An I/O stream that records when bytes last moved.
-pub struct TrackedIo<T> {
-    inner: T,
-    activity: Arc<Activity>,
-}
-
-impl<T> TrackedIo<T> {
-    pub fn new(inner: T, activity: Arc<Activity>) -> Self {
-        activity.touch();
-        Self { inner, activity }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for TrackedIo<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.touch();
-        }
-        result
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        result
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        result
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -28,18 +28,27 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
+use crate::body_timeout::TimedBody;
 use crate::client_ip::canonical;
 use crate::config::StaticConfig;
 use crate::conn_info::ConnInfo;
-use activity::{Activity, TrackedBody, TrackedIo};
+use activity::{Activity, TrackedBody};
 
 /// HTTP/2 streams one connection may have open at once (Envoy and the h2
 /// CVE advisories recommend at most 100–128).
 const MAX_CONCURRENT_STREAMS: u32 = 128;
 /// Header fields one HTTP/1.1 request may carry; more get 431.
 const MAX_HEADERS: usize = 100;
+/// After an idle connection was asked to close (GOAWAY), how long the client
+/// gets to finish the exchange before the socket is simply dropped: a client
+/// that never acknowledges must not keep it open.
+/// First pause after an accept error (descriptors or memory exhausted); it
+/// doubles up to [`MAX_BACKOFF`] while the error persists.
+const INITIAL_BACKOFF: Duration = Duration::from_millis(10);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// Serves connections for one or more listeners and drains them on stop.
 #[derive(Clone)]
@@ -51,6 +60,7 @@ struct Inner {
     builder: auto::Builder<TokioExecutor>,
     router: Router,
     idle_timeout: Duration,
+    body_read_timeout: Duration,
     connections: TaskTracker,
     limit: Arc<Semaphore>,
     /// Stop accepting; connections finish their current request.
@@ -81,6 +91,7 @@ impl Server {
                 builder,
                 router,
                 idle_timeout: settings.idle_timeout,
+                body_read_timeout: settings.body_read_timeout,
                 connections: TaskTracker::new(),
                 limit: Arc::new(Semaphore::new(settings.max_connections)),
                 stop: CancellationToken::new(),
@@ -103,7 +114,7 @@ impl Server {
     where
         F: Fn(&Server, tokio::net::TcpStream, ConnInfo, OwnedSemaphorePermit),
     {
-        let mut backoff = Duration::from_millis(10);
+        let mut backoff = INITIAL_BACKOFF;
         loop {
             let permit = tokio::select! {
                 permit = Arc::clone(&self.inner.limit).acquire_owned() => match permit {
@@ -118,7 +129,10 @@ impl Server {
             };
             match accepted {
                 Ok((stream, peer)) => {
-                    backoff = Duration::from_millis(10);
+                    if backoff > INITIAL_BACKOFF {
+                        info!("accepting connections again");
+                        backoff = INITIAL_BACKOFF;
+                    }
                     if let Err(e) = stream.set_nodelay(true) {
                         debug!("set TCP_NODELAY: {e}");
                     }
@@ -133,14 +147,14 @@ impl Server {
                 Err(e) => {
                     // Out of descriptors or memory: accepting again at once
                     // would spin. Wait, and let existing connections finish.
-                    if backoff == Duration::from_millis(10) {
+                    if backoff == INITIAL_BACKOFF {
                         error!("accept failed: {e}; backing off");
                     }
                     tokio::select! {
                         () = tokio::time::sleep(backoff) => {}
                         () = self.inner.stop.cancelled() => return,
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
         }
@@ -165,10 +179,12 @@ impl Server {
         let inner = &self.inner;
         let peer = info.peer;
         let activity = Activity::new();
-        let io = TokioIo::new(TrackedIo::new(io, Arc::clone(&activity)));
+        let io = TokioIo::new(io);
         let router = inner.router.clone();
         let requests = Arc::clone(&activity);
-        let service = service_fn(move |mut req: Request<Incoming>| {
+        let body_read_timeout = inner.body_read_timeout;
+        let service = service_fn(move |req: Request<Incoming>| {
+            let mut req = req.map(|body| TimedBody::new(body, body_read_timeout));
             req.extensions_mut().insert(info.clone());
             let in_flight = requests.start_request();
             let response = router.clone().oneshot(req);
@@ -185,11 +201,17 @@ impl Server {
         });
         let conn = inner.builder.serve_connection_with_upgrades(io, service);
         tokio::pin!(conn);
+        // Set once the connection was asked to close because it was idle:
+        // past this instant, if it is still idle, it is dropped.
+        let mut drop_at: Option<Instant> = None;
         let mut closing = false;
         loop {
-            let idle_check = activity
-                .idle_deadline(inner.idle_timeout)
-                .map_or_else(|| Instant::now() + inner.idle_timeout, Instant::from_std);
+            let check = match drop_at {
+                Some(at) => at,
+                None => activity
+                    .idle_deadline(inner.idle_timeout)
+                    .map_or_else(|| Instant::now() + inner.idle_timeout, Instant::from_std),
+            };
             tokio::select! {
                 result = conn.as_mut() => {
                     if let Err(e) = result {
@@ -197,13 +219,21 @@ impl Server {
                     }
                     return;
                 }
-                () = tokio::time::sleep_until(idle_check), if !closing => {
+                () = tokio::time::sleep_until(check) => {
                     let idle = activity
                         .idle_deadline(inner.idle_timeout)
                         .is_some_and(|at| at <= std::time::Instant::now());
-                    if idle {
-                        conn.as_mut().graceful_shutdown();
-                        closing = true;
+                    if !idle {
+                        drop_at = drop_at.map(|_| Instant::now() + IDLE_CLOSE_GRACE);
+                    } else if drop_at.is_some() {
+                        debug!(%peer, "idle connection did not close; dropping it");
+                        return;
+                    } else {
+                        if !closing {
+                            conn.as_mut().graceful_shutdown();
+                            closing = true;
+                        }
+                        drop_at = Some(Instant::now() + IDLE_CLOSE_GRACE);
                     }
                 }
                 () = inner.stop.cancelled(), if !closing => {
