@@ -76,7 +76,10 @@ pub fn sni_matches(sni: Option<&str>, host: &str) -> bool {
 }
 
 fn same_authority(a: &Authority, b: &Authority) -> bool {
-    a.host().eq_ignore_ascii_case(b.host()) && a.port_u16() == b.port_u16()
+    // Compared as written, case aside: `port_u16` and `port` are `None` for
+    // a malformed port as well as for none at all, which would make
+    // `a.test:x` agree with `a.test`.
+    a.as_str().eq_ignore_ascii_case(b.as_str())
 }
 
 fn normalize(authority: &Authority) -> Result<String, HostError> {
@@ -160,5 +163,14 @@ mod tests {
             .body(())
             .expect("request");
         assert_eq!(request_host(&req), Err(HostError::Conflicting));
+        for host in ["a.test:x", "a.test:", "a.test:443"] {
+            let req = Request::builder()
+                .version(Version::HTTP_2)
+                .uri("https://a.test/")
+                .header(HOST, host)
+                .body(())
+                .expect("request");
+            assert_eq!(request_host(&req), Err(HostError::Conflicting), "{host}");
+        }
     }
 }

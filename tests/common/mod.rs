@@ -4,6 +4,9 @@
 
 #![allow(dead_code)]
 
+pub mod h2frames;
+pub mod hostile;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
