@@ -85,10 +85,7 @@ async fn oversized_request_head_gets_431() {
 
 /// Reads until the server closes; returns what was read and when it closed
 /// (`None` if it had not closed within `timeout`).
-async fn read_to_close(
-    stream: &mut TcpStream,
-    timeout: Duration,
-) -> (String, Option<Instant>) {
+async fn read_to_close(stream: &mut TcpStream, timeout: Duration) -> (String, Option<Instant>) {
     let mut out = Vec::new();
     let closed = tokio::time::timeout(timeout, async {
         let mut buf = [0u8; 4096];
@@ -366,7 +363,10 @@ async fn client_that_stops_reading_does_not_pin_memory() {
     // MiB per hop on loopback), not the body.
     assert!(last < 4 * (32 << 20), "produced {} MiB", last >> 20);
     let latency = health(proxy.addr, Duration::from_secs(1)).await;
-    assert!(latency < Duration::from_millis(100), "/health took {latency:?}");
+    assert!(
+        latency < Duration::from_millis(100),
+        "/health took {latency:?}"
+    );
     hostile::assert_rss_near(&proxy, baseline, "4 clients that stopped reading");
     drop(readers);
 }

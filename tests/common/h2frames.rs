@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -212,7 +212,7 @@ pub async fn connect(addr: std::net::SocketAddr) -> TcpStream {
 }
 
 /// Reads one frame; `None` at EOF, reset or after `timeout`.
-pub async fn read_frame(stream: &mut TcpStream, timeout: Duration) -> Option<Frame> {
+pub async fn read_frame<S: AsyncRead + Unpin>(stream: &mut S, timeout: Duration) -> Option<Frame> {
     tokio::time::timeout(timeout, async {
         let mut head = [0u8; 9];
         stream.read_exact(&mut head).await.ok()?;
@@ -233,8 +233,8 @@ pub async fn read_frame(stream: &mut TcpStream, timeout: Duration) -> Option<Fra
 
 /// Reads frames until `stop` matches one (returned with all frames read),
 /// the connection ends, or `timeout` passes.
-pub async fn read_until(
-    stream: &mut TcpStream,
+pub async fn read_until<S: AsyncRead + Unpin>(
+    stream: &mut S,
     timeout: Duration,
     stop: impl Fn(&Frame) -> bool,
 ) -> (Vec<Frame>, bool) {
