@@ -111,3 +111,68 @@ async fn unsolicited_switching_protocols_is_refused() {
         Duration::from_secs(5),
     );
 }
+
+#[tokio::test]
+async fn no_bytes_are_tunnelled_before_the_upstreams_101() {
+    // A raw upstream: after the request head it waits, noting anything that
+    // arrives before it has answered; then it switches protocols and echoes.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (early_tx, early_rx) = tokio::sync::oneshot::channel::<Vec<u8>>();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.expect("accept");
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tokio::io::AsyncReadExt::read(&mut s, &mut buf)
+                .await
+                .expect("read head");
+            assert!(n > 0, "closed before the head");
+            head.extend_from_slice(&buf[..n]);
+        }
+        let end = head.windows(4).position(|w| w == b"\r\n\r\n").expect("end") + 4;
+        let mut early = head.split_off(end);
+        if let Ok(Ok(n)) = tokio::time::timeout(
+            Duration::from_millis(500),
+            tokio::io::AsyncReadExt::read(&mut s, &mut buf),
+        )
+        .await
+        {
+            early.extend_from_slice(&buf[..n]);
+        }
+        early_tx.send(early).ok();
+        s.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: test\r\n\r\n",
+        )
+        .await
+        .expect("101");
+        let n = tokio::io::AsyncReadExt::read(&mut s, &mut buf)
+            .await
+            .expect("tunnel read");
+        let mut echo = b"ECHO:".to_vec();
+        echo.extend_from_slice(&buf[..n]);
+        s.write_all(&echo).await.expect("echo");
+    });
+    let proxy = ProxyProcess::start(&config(&[("a.test", &format!("http://{addr}"))], "", ""));
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    stream
+        .write_all(
+            b"GET /t HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: test\r\n\r\nEARLY",
+        )
+        .await
+        .expect("write");
+    let early = tokio::time::timeout(Duration::from_secs(5), early_rx)
+        .await
+        .expect("upstream got the head")
+        .expect("early bytes");
+    assert!(
+        early.is_empty(),
+        "tunnelled before 101: {:?}",
+        String::from_utf8_lossy(&early)
+    );
+    let out = read_until_close(&mut stream, Duration::from_secs(2)).await;
+    assert_eq!(status_of(&out), Some(101), "{out}");
+    assert!(out.ends_with("\r\n\r\nECHO:EARLY"), "{out}");
+}
