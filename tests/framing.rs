@@ -31,10 +31,9 @@ async fn attempt(proxy: &ProxyProcess, head: &str, body: &str) -> Outcome {
     // The proxy may close before reading everything.
     let _ = stream.write_all(bytes.as_bytes()).await;
     let mut out = Vec::new();
-    let closed = matches!(
-        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await,
-        Ok(_)
-    );
+    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out))
+        .await
+        .is_ok();
     Outcome {
         text: String::from_utf8_lossy(&out).into_owned(),
         closed,
