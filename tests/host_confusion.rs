@@ -13,7 +13,7 @@ use tokio::io::AsyncWriteExt;
 const BOUND: Duration = Duration::from_secs(2);
 
 #[tokio::test]
-async fn absolute_form_routes_by_its_own_authority() {
+async fn absolute_form_target_beats_a_conflicting_host() {
     let a = Recorder::start().await;
     let b = Recorder::start().await;
     let proxy = ProxyProcess::start(&config(

@@ -8,7 +8,7 @@ use axum::Router;
 use axum::extract::ws::{Message as AxMessage, WebSocketUpgrade};
 use axum::response::IntoResponse;
 use axum::routing::{any, get};
-use common::{ProxyProcess, Upstream, config, read_until_close, status_of};
+use common::{ProxyProcess, Upstream, config, h2frames, read_until_close, status_of};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -110,6 +110,28 @@ async fn unsolicited_switching_protocols_is_refused() {
         |l| l.contains(" UPSTREAM_ERROR ") && l.contains("did not ask to upgrade"),
         Duration::from_secs(5),
     );
+
+    // HTTP/2 has no upgrades at all: the same answer to an h2 request is
+    // refused too, and nothing of it reaches the client.
+    let mut h2 = h2frames::connect(proxy.addr).await;
+    h2.write_all(&h2frames::get(1, "a.test", "/"))
+        .await
+        .expect("h2 request");
+    let (frames, _) = h2frames::read_until(&mut h2, Duration::from_secs(5), |f| {
+        f.kind == h2frames::DATA && f.stream == 1 && f.flags & h2frames::END_STREAM != 0
+    })
+    .await;
+    let head = frames
+        .iter()
+        .find(|f| f.kind == h2frames::HEADERS && f.stream == 1)
+        .expect("h2 response");
+    assert_eq!(h2frames::status_of(&head.payload), Some(502));
+    let body: Vec<u8> = frames
+        .iter()
+        .filter(|f| f.kind == h2frames::DATA)
+        .flat_map(|f| f.payload.clone())
+        .collect();
+    assert!(!String::from_utf8_lossy(&body).contains("SMUGGLED"));
 }
 
 #[tokio::test]
