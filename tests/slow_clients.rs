@@ -370,3 +370,70 @@ async fn client_that_stops_reading_does_not_pin_memory() {
     hostile::assert_rss_near(&proxy, baseline, "4 clients that stopped reading");
     drop(readers);
 }
+
+/// Sets its flag when dropped: the upstream's response stream is dropped
+/// when the proxy gives up on delivering it.
+struct DropFlag(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn client_that_stops_reading_is_disconnected_after_idle_timeout() {
+    let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = Arc::clone(&dropped);
+    let upstream = Upstream::start(Router::new().route(
+        "/endless",
+        get(move || {
+            let guard = DropFlag(Arc::clone(&flag));
+            async move {
+                let chunk = Bytes::from(vec![b'x'; 64 << 10]);
+                let stream = futures_util::stream::repeat(chunk).map(move |c| {
+                    let _alive = &guard;
+                    Ok::<_, std::io::Error>(c)
+                });
+                Body::from_stream(stream)
+            }
+        }),
+    ))
+    .await;
+    let proxy = ProxyProcess::start(&config(
+        &[("a.test", &upstream.url())],
+        "idle_timeout_secs = 2",
+        "",
+    ));
+    // HTTP/1.1: the socket fills up. HTTP/2: the client grants no flow
+    // control window beyond the initial one.
+    for h2 in [false, true] {
+        dropped.store(false, Ordering::SeqCst);
+        let stream = if h2 {
+            let mut s = h2frames::connect(proxy.addr).await;
+            s.write_all(&h2frames::get(1, "a.test", "/endless"))
+                .await
+                .expect("write");
+            s
+        } else {
+            let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+            s.write_all(b"GET /endless HTTP/1.1\r\nHost: a.test\r\n\r\n")
+                .await
+                .expect("write");
+            s
+        };
+        let started = Instant::now();
+        while !dropped.load(Ordering::SeqCst) {
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "h2={h2}: a client that reads nothing is still being served"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let after = started.elapsed();
+        eprintln!("h2={h2}: client that stopped reading cut off after {after:?}");
+        assert!(after >= Duration::from_secs(2), "h2={h2}: after {after:?}");
+        drop(stream);
+        health(proxy.addr, Duration::from_secs(1)).await;
+    }
+}

@@ -8,6 +8,11 @@
 //! open for ever, and a client could do the same with a trickle of control
 //! frames. A request head that is still arriving is bounded by the
 //! header read timeout instead.
+//!
+//! The opposite stall is tracked too: a client that stops reading its
+//! response. hyper then stops taking frames from the response body
+//! (backpressure), so a body frame that has been handed over and not
+//! followed by another pull for a long time means the client side is stuck.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -24,6 +29,12 @@ pub struct Activity {
     /// connection opened).
     last_ms: AtomicU64,
     in_flight: AtomicUsize,
+    /// Response bodies whose last frame was handed to hyper and which have
+    /// not been asked for the next one yet.
+    handed_off: AtomicUsize,
+    /// Milliseconds since `origin` when hyper last asked a response body on
+    /// this connection for a frame.
+    last_pull_ms: AtomicU64,
 }
 
 impl Activity {
@@ -32,12 +43,27 @@ impl Activity {
             origin: Instant::now(),
             last_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            handed_off: AtomicUsize::new(0),
+            last_pull_ms: AtomicU64::new(0),
         })
     }
 
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     fn touch(&self) {
-        let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
+        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// When the client counts as having stopped reading if no response
+    /// body is pulled before then; `None` while nothing waits on it.
+    pub fn write_stall_deadline(&self, timeout: Duration) -> Option<Instant> {
+        if self.handed_off.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let last = Duration::from_millis(self.last_pull_ms.load(Ordering::Relaxed));
+        Some(self.origin + last + timeout)
     }
 
     /// When the connection counts as idle if no request starts before then;
@@ -66,10 +92,36 @@ impl Drop for InFlight {
     }
 }
 
-/// A response body that keeps its request counted as in flight.
+/// A response body that keeps its request counted as in flight and reports
+/// when the client side stops pulling it.
 pub struct TrackedBody {
-    pub inner: axum::body::Body,
-    pub _in_flight: InFlight,
+    inner: axum::body::Body,
+    in_flight: InFlight,
+    /// A frame was handed over and the next one not asked for yet.
+    handed_off: bool,
+}
+
+impl TrackedBody {
+    pub fn new(inner: axum::body::Body, in_flight: InFlight) -> Self {
+        Self {
+            inner,
+            in_flight,
+            handed_off: false,
+        }
+    }
+
+    fn set_handed_off(&mut self, handed_off: bool) {
+        if self.handed_off == handed_off {
+            return;
+        }
+        self.handed_off = handed_off;
+        let counter = &self.in_flight.0.handed_off;
+        if handed_off {
+            counter.fetch_add(1, Ordering::Relaxed);
+        } else {
+            counter.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Body for TrackedBody {
@@ -80,7 +132,16 @@ impl Body for TrackedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let activity = &self.in_flight.0;
+        activity
+            .last_pull_ms
+            .store(activity.now_ms(), Ordering::Relaxed);
+        self.set_handed_off(false);
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(Some(Ok(_)))) {
+            self.set_handed_off(true);
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -89,5 +150,11 @@ impl Body for TrackedBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl Drop for TrackedBody {
+    fn drop(&mut self) {
+        self.set_handed_off(false);
     }
 }

@@ -193,10 +193,7 @@ impl Server {
                     Ok(response) => response,
                     Err(never) => match never {},
                 };
-                Ok::<_, Infallible>(response.map(|inner| TrackedBody {
-                    inner,
-                    _in_flight: in_flight,
-                }))
+                Ok::<_, Infallible>(response.map(|inner| TrackedBody::new(inner, in_flight)))
             }
         });
         let conn = inner.builder.serve_connection_with_upgrades(io, service);
@@ -206,12 +203,16 @@ impl Server {
         let mut drop_at: Option<Instant> = None;
         let mut closing = false;
         loop {
+            let stall = activity
+                .write_stall_deadline(inner.idle_timeout)
+                .map(Instant::from_std);
             let check = match drop_at {
                 Some(at) => at,
                 None => activity
                     .idle_deadline(inner.idle_timeout)
                     .map_or_else(|| Instant::now() + inner.idle_timeout, Instant::from_std),
             };
+            let check = stall.map_or(check, |stall| stall.min(check));
             tokio::select! {
                 result = conn.as_mut() => {
                     if let Err(e) = result {
@@ -220,6 +221,15 @@ impl Server {
                     return;
                 }
                 () = tokio::time::sleep_until(check) => {
+                    let stalled = activity
+                        .write_stall_deadline(inner.idle_timeout)
+                        .is_some_and(|at| at <= std::time::Instant::now());
+                    if stalled {
+                        // Its response cannot be delivered; holding the
+                        // connection (and the upstream's) helps nobody.
+                        debug!(%peer, "client stopped reading its response; closing");
+                        return;
+                    }
                     let idle = activity
                         .idle_deadline(inner.idle_timeout)
                         .is_some_and(|at| at <= std::time::Instant::now());
