@@ -88,7 +88,6 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
     };
     let upstream = site.upstream.to_string();
     let response = forward(&state, &snapshot, site, &host, &conn, client, req).await;
-
     log.emit(&host.name, response.status(), &upstream);
     response
 }

@@ -44,11 +44,11 @@ const MAX_HEADERS: usize = 100;
 /// After an idle connection was asked to close (GOAWAY), how long the client
 /// gets to finish the exchange before the socket is simply dropped: a client
 /// that never acknowledges must not keep it open.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// First pause after an accept error (descriptors or memory exhausted); it
 /// doubles up to [`MAX_BACKOFF`] while the error persists.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
-const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// Serves connections for one or more listeners and drains them on stop.
 #[derive(Clone)]
