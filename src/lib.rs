@@ -11,6 +11,7 @@
 //! - [`client_ip`]: who the client is (trusted proxies, `X-Forwarded-For`).
 //! - [`proxy`]: host routing, header rewriting, streaming to the upstream,
 //!   upgrades.
+//! - [`body_timeout`]: request bodies that stop arriving are cut off.
 //! - [`logging`]: the access lines and where they go.
 //! - [`metrics`]: Prometheus counters and histograms, recorded along the
 //!   way when the [`admin`] listener (`/metrics`, `/health/ready`) is on.
@@ -23,6 +24,7 @@
 //! systemd notifications, shutdown) and [`cli`] (arguments and exit codes).
 
 pub mod admin;
+pub mod body_timeout;
 pub mod cli;
 pub mod client_ip;
 pub mod config;

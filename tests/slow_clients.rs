@@ -3,9 +3,17 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{ProxyProcess, Upstream, config, get, status_of};
+use axum::Router;
+use axum::body::Body;
+use axum::routing::get;
+use bytes::Bytes;
+use common::hostile::{self, Recorder, health};
+use common::{ProxyProcess, Upstream, config, h2frames, status_of};
+use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -28,7 +36,7 @@ async fn slowloris_is_cut_off_after_header_read_timeout() {
         }
         // Meanwhile, a normal client is served promptly.
         let t = Instant::now();
-        assert_eq!(get(proxy.addr, "a.test", "/").await.status, 200);
+        assert_eq!(common::get(proxy.addr, "a.test", "/").await.status, 200);
         assert!(t.elapsed() < Duration::from_secs(1));
         let mut buf = [0u8; 256];
         match tokio::time::timeout(Duration::from_secs(1), slow.read(&mut buf)).await {
@@ -72,5 +80,360 @@ async fn oversized_request_head_gets_431() {
     let out = common::raw(proxy.addr, &many, Duration::from_secs(5)).await;
     assert_eq!(status_of(&out), Some(431), "{out}");
     assert_eq!(a.hits(), 0);
-    assert_eq!(get(proxy.addr, "a.test", "/").await.status, 200);
+    assert_eq!(common::get(proxy.addr, "a.test", "/").await.status, 200);
+}
+
+/// Reads until the server closes; returns what was read and when it closed
+/// (`None` if it had not closed within `timeout`).
+async fn read_to_close(stream: &mut TcpStream, timeout: Duration) -> (String, Option<Instant>) {
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(timeout, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return Instant::now(),
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .ok();
+    (String::from_utf8_lossy(&out).into_owned(), closed)
+}
+
+#[tokio::test]
+async fn stalled_request_body_is_cut_off_with_408() {
+    let recorder = Recorder::start().await;
+    let proxy = ProxyProcess::start(&config(
+        &[("a.test", &recorder.url())],
+        "body_read_timeout_secs = 1",
+        "",
+    ));
+    for (name, head, partial) in [
+        (
+            "content-length",
+            "POST /upload HTTP/1.1\r\nHost: a.test\r\nContent-Length: 1000\r\n\r\n",
+            "0123456789",
+        ),
+        (
+            "chunked",
+            "POST /upload HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "a\r\n0123456789\r\n64\r\n01234",
+        ),
+    ] {
+        let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+        stream.write_all(head.as_bytes()).await.expect("head");
+        stream.write_all(partial.as_bytes()).await.expect("part");
+        let started = Instant::now();
+        let (out, closed) = read_to_close(&mut stream, Duration::from_secs(5)).await;
+        assert_eq!(status_of(&out), Some(408), "{name}: {out}");
+        let closed = closed.unwrap_or_else(|| panic!("{name}: connection left open"));
+        let after = closed - started;
+        assert!(
+            after >= Duration::from_millis(900) && after < Duration::from_secs(3),
+            "{name}: cut off after {after:?}"
+        );
+        health(proxy.addr, Duration::from_secs(1)).await;
+    }
+    proxy.wait_for_count(|l| l.contains(" BODY_TIMEOUT "), 2, Duration::from_secs(2));
+    proxy.wait_for_count(
+        |l| l.contains(" REQUEST ") && l.contains("status=408"),
+        2,
+        Duration::from_secs(2),
+    );
+    // The upstream never received a complete body.
+    for seen in recorder.seen() {
+        assert_eq!(seen.body, None, "{seen:?}");
+    }
+}
+
+#[tokio::test]
+async fn slow_but_flowing_body_is_not_cut_off() {
+    let recorder = Recorder::start().await;
+    let proxy = ProxyProcess::start(&config(
+        &[("a.test", &recorder.url())],
+        "body_read_timeout_secs = 1",
+        "",
+    ));
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    stream
+        .write_all(b"POST /upload HTTP/1.1\r\nHost: a.test\r\nContent-Length: 8\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("head");
+    // 8 bytes over 2.8 s: far longer than the timeout in total, but never a
+    // gap as long as it.
+    for byte in b"abcdefgh" {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        stream.write_all(&[*byte]).await.expect("body byte");
+    }
+    let (out, _) = read_to_close(&mut stream, Duration::from_secs(5)).await;
+    assert_eq!(status_of(&out), Some(200), "{out}");
+    let seen = recorder.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].body.as_deref(), Some(&b"abcdefgh"[..]));
+}
+
+#[tokio::test]
+async fn idle_http1_connection_closes_at_idle_timeout() {
+    let a = Upstream::echo("site-a").await;
+    // The header read timeout also covers the wait for a keep-alive
+    // connection's next request, so it must be the longer one here.
+    let proxy = ProxyProcess::start(&config(
+        &[("a.test", &a.url())],
+        "idle_timeout_secs = 2\nheader_read_timeout_secs = 30",
+        "",
+    ));
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .expect("write");
+    let started = Instant::now();
+    let (out, closed) = read_to_close(&mut stream, Duration::from_secs(6)).await;
+    assert_eq!(status_of(&out), Some(200), "{out}");
+    let after = closed.expect("idle connection left open") - started;
+    assert!(
+        after >= Duration::from_millis(1800) && after < Duration::from_secs(4),
+        "closed after {after:?}"
+    );
+    health(proxy.addr, Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn idle_http1_connection_closes_at_header_read_timeout_when_shorter() {
+    let a = Upstream::echo("site-a").await;
+    let proxy = ProxyProcess::start(&config(
+        &[("a.test", &a.url())],
+        "idle_timeout_secs = 30\nheader_read_timeout_secs = 2",
+        "",
+    ));
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .expect("write");
+    let started = Instant::now();
+    let (out, closed) = read_to_close(&mut stream, Duration::from_secs(6)).await;
+    assert_eq!(status_of(&out), Some(200), "{out}");
+    let after = closed.expect("idle connection left open") - started;
+    assert!(
+        after >= Duration::from_millis(1800) && after < Duration::from_secs(4),
+        "closed after {after:?}"
+    );
+}
+
+#[tokio::test]
+async fn idle_http2_connection_closes_at_idle_timeout() {
+    let a = Upstream::echo("site-a").await;
+    let proxy = ProxyProcess::start(&config(
+        &[("a.test", &a.url())],
+        "idle_timeout_secs = 2",
+        "",
+    ));
+    // A well-behaved client: one request, then nothing but acknowledging.
+    // Another that answers nothing at all and sends PINGs of its own, which
+    // must not count as activity.
+    for pinging in [false, true] {
+        let mut stream = h2frames::connect(proxy.addr).await;
+        stream
+            .write_all(&h2frames::get(1, "a.test", "/"))
+            .await
+            .expect("request");
+        let started = Instant::now();
+        let mut goaway_at = None;
+        let mut closed_at = None;
+        let mut status = None;
+        let deadline = started + Duration::from_secs(12);
+        let mut next_ping = started;
+        while Instant::now() < deadline {
+            if pinging && Instant::now() >= next_ping {
+                next_ping += Duration::from_millis(300);
+                if stream
+                    .write_all(&h2frames::frame(h2frames::PING, 0, 0, &[7; 8]))
+                    .await
+                    .is_err()
+                {
+                    closed_at = Some(Instant::now());
+                    break;
+                }
+            }
+            let Some(frame) = h2frames::read_frame(&mut stream, Duration::from_millis(300)).await
+            else {
+                // Either a quiet moment or the end: tell them apart.
+                let mut probe = [0u8; 1];
+                match tokio::time::timeout(Duration::from_millis(1), stream.peek(&mut probe)).await
+                {
+                    Ok(Ok(0) | Err(_)) => {
+                        closed_at = Some(Instant::now());
+                        break;
+                    }
+                    _ => continue,
+                }
+            };
+            match frame.kind {
+                h2frames::HEADERS if frame.stream == 1 => {
+                    status = h2frames::status_of(&frame.payload);
+                }
+                h2frames::GOAWAY => {
+                    goaway_at.get_or_insert(Instant::now());
+                }
+                h2frames::SETTINGS if frame.flags & h2frames::ACK == 0 && !pinging => {
+                    let ack = h2frames::frame(h2frames::SETTINGS, h2frames::ACK, 0, &[]);
+                    stream.write_all(&ack).await.ok();
+                }
+                h2frames::PING if frame.flags & h2frames::ACK == 0 && !pinging => {
+                    let ack = h2frames::frame(h2frames::PING, h2frames::ACK, 0, &frame.payload);
+                    stream.write_all(&ack).await.ok();
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(status, Some(200), "pinging={pinging}");
+        let goaway = goaway_at.expect("no GOAWAY") - started;
+        assert!(
+            goaway >= Duration::from_millis(1800) && goaway < Duration::from_secs(4),
+            "pinging={pinging}: GOAWAY after {goaway:?}"
+        );
+        // A client that does not finish the goodbye is dropped after a grace.
+        let closed = closed_at.expect("idle HTTP/2 connection left open") - started;
+        assert!(
+            closed < Duration::from_secs(10),
+            "pinging={pinging}: closed after {closed:?}"
+        );
+    }
+    health(proxy.addr, Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn client_that_stops_reading_does_not_pin_memory() {
+    // The upstream streams without end and counts what it produced; hyper's
+    // backpressure must stop it once the socket buffers are full.
+    let produced = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&produced);
+    let upstream = Upstream::start(Router::new().route(
+        "/endless",
+        get(move || {
+            let counter = Arc::clone(&counter);
+            async move {
+                let chunk = Bytes::from(vec![b'x'; 64 << 10]);
+                let stream = futures_util::stream::repeat(chunk).map(move |c| {
+                    counter.fetch_add(c.len(), Ordering::Relaxed);
+                    Ok::<_, std::io::Error>(c)
+                });
+                Body::from_stream(stream)
+            }
+        }),
+    ))
+    .await;
+    let proxy = ProxyProcess::start(&config(&[("a.test", &upstream.url())], "", ""));
+    health(proxy.addr, Duration::from_secs(1)).await;
+    let baseline = hostile::rss_now(&proxy);
+
+    let mut readers = Vec::new();
+    for _ in 0..4 {
+        let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+        stream
+            .write_all(b"GET /endless HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            .await
+            .expect("write");
+        readers.push(stream);
+    }
+    // Wait for the buffers to fill: production stops growing.
+    let mut last = 0;
+    let mut stable_since = Instant::now();
+    let started = Instant::now();
+    while stable_since.elapsed() < Duration::from_secs(2) {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "upstream kept producing: {} MiB",
+            produced.load(Ordering::Relaxed) >> 20
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = produced.load(Ordering::Relaxed);
+        if now != last {
+            last = now;
+            stable_since = Instant::now();
+        }
+    }
+    eprintln!(
+        "4 clients not reading an endless body: upstream stalled after {} KiB",
+        last >> 10
+    );
+    // What is in flight is what the kernel's socket buffers hold (a few
+    // MiB per hop on loopback), not the body.
+    assert!(last < 4 * (32 << 20), "produced {} MiB", last >> 20);
+    let latency = health(proxy.addr, Duration::from_secs(1)).await;
+    assert!(
+        latency < Duration::from_millis(100),
+        "/health took {latency:?}"
+    );
+    hostile::assert_rss_near(&proxy, baseline, "4 clients that stopped reading");
+    drop(readers);
+}
+
+/// Sets its flag when dropped: the upstream's response stream is dropped
+/// when the proxy gives up on delivering it.
+struct DropFlag(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn client_that_stops_reading_is_disconnected_after_idle_timeout() {
+    let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = Arc::clone(&dropped);
+    let upstream = Upstream::start(Router::new().route(
+        "/endless",
+        get(move || {
+            let guard = DropFlag(Arc::clone(&flag));
+            async move {
+                let chunk = Bytes::from(vec![b'x'; 64 << 10]);
+                let stream = futures_util::stream::repeat(chunk).map(move |c| {
+                    let _alive = &guard;
+                    Ok::<_, std::io::Error>(c)
+                });
+                Body::from_stream(stream)
+            }
+        }),
+    ))
+    .await;
+    let proxy = ProxyProcess::start(&config(
+        &[("a.test", &upstream.url())],
+        "idle_timeout_secs = 2",
+        "",
+    ));
+    // HTTP/1.1: the socket fills up. HTTP/2: the client grants no flow
+    // control window beyond the initial one.
+    for h2 in [false, true] {
+        dropped.store(false, Ordering::SeqCst);
+        let stream = if h2 {
+            let mut s = h2frames::connect(proxy.addr).await;
+            s.write_all(&h2frames::get(1, "a.test", "/endless"))
+                .await
+                .expect("write");
+            s
+        } else {
+            let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
+            s.write_all(b"GET /endless HTTP/1.1\r\nHost: a.test\r\n\r\n")
+                .await
+                .expect("write");
+            s
+        };
+        let started = Instant::now();
+        while !dropped.load(Ordering::SeqCst) {
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "h2={h2}: a client that reads nothing is still being served"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let after = started.elapsed();
+        eprintln!("h2={h2}: client that stopped reading cut off after {after:?}");
+        assert!(after >= Duration::from_secs(2), "h2={h2}: after {after:?}");
+        drop(stream);
+        health(proxy.addr, Duration::from_secs(1)).await;
+    }
 }

@@ -60,6 +60,24 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
             .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
 }
 
+/// Whether a request's `Transfer-Encoding`, if any, is exactly `chunked`.
+/// hyper removes the chunked framing and refuses codings that do not end in
+/// `chunked`, but lets `gzip, chunked` or `chunked, chunked` through: their
+/// remaining codings would silently vanish when the body is re-framed for
+/// the upstream, so such requests are refused (RFC 9112 §6.1: 501).
+pub fn transfer_coding_is_chunked_only(headers: &HeaderMap) -> bool {
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|coding| !coding.is_empty());
+    match codings.next() {
+        None => true,
+        Some(first) => first.eq_ignore_ascii_case(b"chunked") && codings.next().is_none(),
+    }
+}
+
 /// Sets the forwarding headers. `peer` is appended to any `X-Forwarded-For`
 /// the client sent (the upstream may read the chain, but the proxy itself
 /// believes it only from trusted peers); the others are overwritten.
@@ -131,6 +149,24 @@ mod tests {
         remove_hop_by_hop(&mut h, true);
         assert_eq!(h[header::UPGRADE], "websocket");
         assert_eq!(h[header::CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn only_plain_chunked_is_accepted() {
+        let te = |values: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::TRANSFER_ENCODING, HeaderValue::from_static(v));
+            }
+            transfer_coding_is_chunked_only(&h)
+        };
+        assert!(te(&[]));
+        assert!(te(&["chunked"]));
+        assert!(te(&["Chunked "]));
+        assert!(!te(&["gzip, chunked"]));
+        assert!(!te(&["chunked, chunked"]));
+        assert!(!te(&["gzip", "chunked"]));
+        assert!(!te(&["identity"]));
     }
 
     #[test]

@@ -62,8 +62,24 @@ pub fn request_host<B>(req: &Request<B>) -> Result<RequestHost, HostError> {
     Ok(RequestHost { name, authority })
 }
 
+/// Whether a request for `host` may be served on a connection whose TLS
+/// handshake asked for `sni`. Without TLS, or without SNI (a client that
+/// connected by IP address), there is nothing to compare. A client that
+/// asked for one site must not be handed another over that connection (RFC
+/// 9110 §15.5.20: 421), or a certificate valid for one name would vouch for
+/// content of another.
+pub fn sni_matches(sni: Option<&str>, host: &str) -> bool {
+    sni.is_none_or(|sni| {
+        let sni = sni.strip_suffix('.').unwrap_or(sni);
+        sni.eq_ignore_ascii_case(host)
+    })
+}
+
 fn same_authority(a: &Authority, b: &Authority) -> bool {
-    a.host().eq_ignore_ascii_case(b.host()) && a.port_u16() == b.port_u16()
+    // Compared as written, case aside: `port_u16` and `port` are `None` for
+    // a malformed port as well as for none at all, which would make
+    // `a.test:x` agree with `a.test`.
+    a.as_str().eq_ignore_ascii_case(b.as_str())
 }
 
 fn normalize(authority: &Authority) -> Result<String, HostError> {
@@ -130,6 +146,15 @@ mod tests {
     }
 
     #[test]
+    fn sni_must_name_the_host() {
+        assert!(sni_matches(None, "a.test"));
+        assert!(sni_matches(Some("a.test"), "a.test"));
+        assert!(sni_matches(Some("A.Test."), "a.test"));
+        assert!(!sni_matches(Some("b.test"), "a.test"));
+        assert!(!sni_matches(Some("a.test"), "[::1]"));
+    }
+
+    #[test]
     fn h2_conflict() {
         let req = Request::builder()
             .version(Version::HTTP_2)
@@ -138,5 +163,14 @@ mod tests {
             .body(())
             .expect("request");
         assert_eq!(request_host(&req), Err(HostError::Conflicting));
+        for host in ["a.test:x", "a.test:", "a.test:443"] {
+            let req = Request::builder()
+                .version(Version::HTTP_2)
+                .uri("https://a.test/")
+                .header(HOST, host)
+                .body(())
+                .expect("request");
+            assert_eq!(request_host(&req), Err(HostError::Conflicting), "{host}");
+        }
     }
 }

@@ -16,8 +16,9 @@ use axum::response::{IntoResponse, Response};
 use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderValue, StatusCode, Uri, Version, header};
 use hyper::body::Incoming;
-use tracing::warn;
+use tracing::{info, warn};
 
+use crate::body_timeout::BodyStalled;
 use crate::client_ip::client_ip;
 use crate::config::Site;
 use crate::conn_info::ConnInfo;
@@ -42,6 +43,19 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
         &snapshot.config.proxy.trusted_proxies,
     );
     let exchange = Exchange::new(&req, &conn, client, started);
+    if !headers::transfer_coding_is_chunked_only(req.headers()) {
+        // hyper has decoded the chunked framing; any other coding would be
+        // lost on the way to the upstream, which would misread the body.
+        let mut response = plain(
+            StatusCode::NOT_IMPLEMENTED,
+            "not implemented: only the chunked transfer coding is supported\n",
+        );
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        let metrics = snapshot.site_metrics(None).cloned();
+        return exchange.finish(response, "-".to_owned(), None, metrics);
+    }
     let host = match request_host(&req) {
         Ok(host) => host,
         Err(e) => {
@@ -51,6 +65,15 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
         }
     };
     let metrics = snapshot.site_metrics(Some(&host.name)).cloned();
+    if !host::sni_matches(conn.sni.as_deref(), &host.name) {
+        // TLS was set up for one site; serving another on that connection
+        // would let a client reach it under the wrong certificate's trust.
+        let response = plain(
+            StatusCode::MISDIRECTED_REQUEST,
+            "misdirected request: the TLS server name differs from the requested host\n",
+        );
+        return exchange.finish(response, host.name, None, metrics);
+    }
     let Some(site) = snapshot.config.site(&host.name) else {
         let response = plain(
             StatusCode::MISDIRECTED_REQUEST,
@@ -146,6 +169,24 @@ async fn forward(
             response
         }
         Ok(Err(e)) => {
+            if let Some(BodyStalled(after)) = BodyStalled::find(&e) {
+                // The client's fault, not the upstream's: the upstream
+                // request was aborted because the body stopped arriving.
+                info!(
+                    client_ip = %client,
+                    host = host.name.as_str(),
+                    timeout_secs = after.as_secs(),
+                    "BODY_TIMEOUT"
+                );
+                let mut response = plain(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request timeout: the request body stopped arriving\n",
+                );
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return Err(response);
+            }
             let kind = if e.is_connect() {
                 UpstreamErrorKind::Connect
             } else {

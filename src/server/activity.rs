@@ -1,7 +1,18 @@
-//! Per-connection activity, for the idle timeout: when the connection last
-//! moved a byte, and how many requests on it are still being answered. A
-//! connection is idle only when nothing is in flight and nothing moved —
-//! a slow upstream or a long download is not idleness.
+//! Per-connection activity, for the idle timeout: how many requests on the
+//! connection are still being answered, and when the last one finished. A
+//! connection is idle only when nothing is in flight — a slow upstream or a
+//! long download is not idleness.
+//!
+//! Bytes on the wire deliberately do not count toward idleness: HTTP/2
+//! keep-alive PINGs (our own and their acknowledgements) would otherwise
+//! keep an unused connection open for ever, and a client could do the same
+//! with a trickle of control frames. A request head that is still arriving
+//! is bounded by the header read timeout instead.
+//!
+//! The opposite stall is tracked too: a client that stops reading its
+//! response. hyper then stops taking frames from the response body
+//! (backpressure), so a body frame that has been handed over and not
+//! followed by another pull for a long time means the client side is stuck.
 //!
 //! The same events drive the `connections_active{state}` gauges, as nginx's
 //! `stub_status` counts them: writing while a request is in flight, idle
@@ -26,9 +37,16 @@ const IDLE: u8 = 2;
 
 pub struct Activity {
     origin: Instant,
-    /// Milliseconds since `origin` of the last byte read or written.
+    /// Milliseconds since `origin` when the last request finished (or the
+    /// connection opened).
     last_ms: AtomicU64,
     in_flight: AtomicUsize,
+    /// Response bodies whose last frame was handed to hyper and which have
+    /// not been asked for the next one yet.
+    handed_off: AtomicUsize,
+    /// Milliseconds since `origin` when hyper last asked a response body on
+    /// this connection for a frame.
+    last_pull_ms: AtomicU64,
     /// READING, WRITING or IDLE; only kept up when `gauges` is set.
     state: AtomicU8,
     gauges: Option<ConnectionGauges>,
@@ -40,18 +58,23 @@ impl Activity {
             origin: Instant::now(),
             last_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            handed_off: AtomicUsize::new(0),
+            last_pull_ms: AtomicU64::new(0),
             state: AtomicU8::new(READING),
             gauges,
         })
     }
 
-    fn touch(&self) {
-        let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    fn touch_read(&self) {
-        self.touch();
+    fn touch(&self) {
+        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Bytes of a request arrived: an idle connection is reading again.
+    fn bytes_read(&self) {
         if self.gauges.is_some() && self.state.load(Ordering::Relaxed) == IDLE {
             self.enter(IDLE, READING);
         }
@@ -88,7 +111,17 @@ impl Activity {
         self.enter_from(Some(from), to);
     }
 
-    /// When the connection counts as idle if nothing happens before then;
+    /// When the client counts as having stopped reading if no response
+    /// body is pulled before then; `None` while nothing waits on it.
+    pub fn write_stall_deadline(&self, timeout: Duration) -> Option<Instant> {
+        if self.handed_off.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let last = Duration::from_millis(self.last_pull_ms.load(Ordering::Relaxed));
+        Some(self.origin + last + timeout)
+    }
+
+    /// When the connection counts as idle if no request starts before then;
     /// `None` while a request is in flight.
     pub fn idle_deadline(&self, idle: Duration) -> Option<Instant> {
         if self.in_flight.load(Ordering::Relaxed) > 0 {
@@ -138,10 +171,36 @@ impl Drop for InFlight {
     }
 }
 
-/// A response body that keeps its request counted as in flight.
+/// A response body that keeps its request counted as in flight and reports
+/// when the client side stops pulling it.
 pub struct TrackedBody {
-    pub inner: axum::body::Body,
-    pub _in_flight: InFlight,
+    inner: axum::body::Body,
+    in_flight: InFlight,
+    /// A frame was handed over and the next one not asked for yet.
+    handed_off: bool,
+}
+
+impl TrackedBody {
+    pub fn new(inner: axum::body::Body, in_flight: InFlight) -> Self {
+        Self {
+            inner,
+            in_flight,
+            handed_off: false,
+        }
+    }
+
+    fn set_handed_off(&mut self, handed_off: bool) {
+        if self.handed_off == handed_off {
+            return;
+        }
+        self.handed_off = handed_off;
+        let counter = &self.in_flight.0.handed_off;
+        if handed_off {
+            counter.fetch_add(1, Ordering::Relaxed);
+        } else {
+            counter.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Body for TrackedBody {
@@ -152,7 +211,16 @@ impl Body for TrackedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let activity = &self.in_flight.0;
+        activity
+            .last_pull_ms
+            .store(activity.now_ms(), Ordering::Relaxed);
+        self.set_handed_off(false);
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(Some(Ok(_)))) {
+            self.set_handed_off(true);
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -164,7 +232,14 @@ impl Body for TrackedBody {
     }
 }
 
-/// An I/O stream that records when bytes last moved.
+impl Drop for TrackedBody {
+    fn drop(&mut self) {
+        self.set_handed_off(false);
+    }
+}
+
+/// An I/O stream that notices request bytes arriving, for the connection
+/// state gauges. Writes pass straight through.
 pub struct TrackedIo<T> {
     inner: T,
     activity: Arc<Activity>,
@@ -172,7 +247,6 @@ pub struct TrackedIo<T> {
 
 impl<T> TrackedIo<T> {
     pub fn new(inner: T, activity: Arc<Activity>) -> Self {
-        activity.touch();
         Self { inner, activity }
     }
 }
@@ -186,7 +260,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for TrackedIo<T> {
         let before = buf.filled().len();
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.activity.touch_read();
+            self.activity.bytes_read();
         }
         result
     }
@@ -198,11 +272,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        result
+        Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -210,11 +280,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let result = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        result
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {

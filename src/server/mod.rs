@@ -29,8 +29,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
-use tracing::{debug, error};
+use tracing::{debug, error, info};
 
+use crate::body_timeout::TimedBody;
 use crate::client_ip::canonical;
 use crate::config::StaticConfig;
 use crate::conn_info::ConnInfo;
@@ -43,6 +44,14 @@ use activity::{Activity, TrackedBody, TrackedIo};
 const MAX_CONCURRENT_STREAMS: u32 = 128;
 /// Header fields one HTTP/1.1 request may carry; more get 431.
 const MAX_HEADERS: usize = 100;
+/// After an idle connection was asked to close (GOAWAY), how long the client
+/// gets to finish the exchange before the socket is simply dropped: a client
+/// that never acknowledges must not keep it open.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// First pause after an accept error (descriptors or memory exhausted); it
+/// doubles up to [`MAX_BACKOFF`] while the error persists.
+const INITIAL_BACKOFF: Duration = Duration::from_millis(10);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Serves connections for one or more listeners and drains them on stop.
 #[derive(Clone)]
@@ -54,6 +63,7 @@ struct Inner {
     builder: auto::Builder<TokioExecutor>,
     router: Router,
     idle_timeout: Duration,
+    body_read_timeout: Duration,
     connections: TaskTracker,
     limit: Arc<Semaphore>,
     /// Stop accepting; connections finish their current request.
@@ -128,6 +138,7 @@ impl Server {
                 builder,
                 router,
                 idle_timeout: settings.idle_timeout,
+                body_read_timeout: settings.body_read_timeout,
                 connections: TaskTracker::new(),
                 limit,
                 stop: CancellationToken::new(),
@@ -206,7 +217,7 @@ impl Server {
     where
         F: Fn(&Server, tokio::net::TcpStream, ConnInfo, OwnedSemaphorePermit),
     {
-        let mut backoff = Duration::from_millis(10);
+        let mut backoff = INITIAL_BACKOFF;
         loop {
             let permit = tokio::select! {
                 permit = Arc::clone(&self.inner.limit).acquire_owned() => match permit {
@@ -223,7 +234,10 @@ impl Server {
             drop(waiting);
             match accepted {
                 Ok((stream, peer)) => {
-                    backoff = Duration::from_millis(10);
+                    if backoff > INITIAL_BACKOFF {
+                        info!("accepting connections again");
+                        backoff = INITIAL_BACKOFF;
+                    }
                     if let Err(e) = stream.set_nodelay(true) {
                         debug!("set TCP_NODELAY: {e}");
                     }
@@ -242,14 +256,14 @@ impl Server {
                 Err(e) => {
                     // Out of descriptors or memory: accepting again at once
                     // would spin. Wait, and let existing connections finish.
-                    if backoff == Duration::from_millis(10) {
+                    if backoff == INITIAL_BACKOFF {
                         error!("accept failed: {e}; backing off");
                     }
                     tokio::select! {
                         () = tokio::time::sleep(backoff) => {}
                         () = self.inner.stop.cancelled() => return,
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
         }
@@ -277,7 +291,9 @@ impl Server {
         let io = TokioIo::new(TrackedIo::new(io, Arc::clone(&activity)));
         let router = inner.router.clone();
         let requests = Arc::clone(&activity);
-        let service = service_fn(move |mut req: Request<Incoming>| {
+        let body_read_timeout = inner.body_read_timeout;
+        let service = service_fn(move |req: Request<Incoming>| {
+            let mut req = req.map(|body| TimedBody::new(body, body_read_timeout));
             req.extensions_mut().insert(info.clone());
             let in_flight = requests.start_request();
             let response = router.clone().oneshot(req);
@@ -286,19 +302,26 @@ impl Server {
                     Ok(response) => response,
                     Err(never) => match never {},
                 };
-                Ok::<_, Infallible>(response.map(|inner| TrackedBody {
-                    inner,
-                    _in_flight: in_flight,
-                }))
+                Ok::<_, Infallible>(response.map(|inner| TrackedBody::new(inner, in_flight)))
             }
         });
         let conn = inner.builder.serve_connection_with_upgrades(io, service);
         tokio::pin!(conn);
+        // Set once the connection was asked to close because it was idle:
+        // past this instant, if it is still idle, it is dropped.
+        let mut drop_at: Option<Instant> = None;
         let mut closing = false;
         loop {
-            let idle_check = activity
-                .idle_deadline(inner.idle_timeout)
-                .map_or_else(|| Instant::now() + inner.idle_timeout, Instant::from_std);
+            let stall = activity
+                .write_stall_deadline(inner.idle_timeout)
+                .map(Instant::from_std);
+            let check = match drop_at {
+                Some(at) => at,
+                None => activity
+                    .idle_deadline(inner.idle_timeout)
+                    .map_or_else(|| Instant::now() + inner.idle_timeout, Instant::from_std),
+            };
+            let check = stall.map_or(check, |stall| stall.min(check));
             tokio::select! {
                 result = conn.as_mut() => {
                     if let Err(e) = result {
@@ -306,13 +329,30 @@ impl Server {
                     }
                     return;
                 }
-                () = tokio::time::sleep_until(idle_check), if !closing => {
+                () = tokio::time::sleep_until(check) => {
+                    let stalled = activity
+                        .write_stall_deadline(inner.idle_timeout)
+                        .is_some_and(|at| at <= std::time::Instant::now());
+                    if stalled {
+                        // Its response cannot be delivered; holding the
+                        // connection (and the upstream's) helps nobody.
+                        debug!(%peer, "client stopped reading its response; closing");
+                        return;
+                    }
                     let idle = activity
                         .idle_deadline(inner.idle_timeout)
                         .is_some_and(|at| at <= std::time::Instant::now());
-                    if idle {
-                        conn.as_mut().graceful_shutdown();
-                        closing = true;
+                    if !idle {
+                        drop_at = drop_at.map(|_| Instant::now() + IDLE_CLOSE_GRACE);
+                    } else if drop_at.is_some() {
+                        debug!(%peer, "idle connection did not close; dropping it");
+                        return;
+                    } else {
+                        if !closing {
+                            conn.as_mut().graceful_shutdown();
+                            closing = true;
+                        }
+                        drop_at = Some(Instant::now() + IDLE_CLOSE_GRACE);
                     }
                 }
                 () = inner.stop.cancelled(), if !closing => {

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod h2frames;
+pub mod hostile;
 pub mod lifecycle;
 pub mod pebble;
 pub mod tls;
