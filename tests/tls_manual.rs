@@ -28,8 +28,8 @@ async fn upstream(name: &'static str) -> Upstream {
 struct TwoSites {
     ca: TestCa,
     _dir: tempfile::TempDir,
-    _a: Upstream,
-    _b: Upstream,
+    a: Upstream,
+    b: Upstream,
     proxy: ProxyProcess,
 }
 
@@ -56,8 +56,8 @@ async fn two_sites(server_extra: &str) -> TwoSites {
     TwoSites {
         ca,
         _dir: dir,
-        _a: a,
-        _b: b,
+        a,
+        b,
         proxy,
     }
 }
@@ -130,9 +130,10 @@ async fn unknown_or_missing_sni_is_refused_with_unrecognized_name() {
         assert!(line.contains("client_ip=127.0.0.1"), "{line}");
         assert!(line.contains("reason="), "{line}");
     }
-    // Served names still work.
+    // Served names still work, and the refused handshakes reached nobody.
     let (_, reply) = tls::https_get(s.proxy.addr, "a.test", client, "/").await;
     assert_eq!(reply.text(), "a HTTP/1.1");
+    assert_eq!((s.a.hits(), s.b.hits()), (1, 0));
 }
 
 /// Sends `hello` and returns everything the proxy answers before closing.
@@ -237,6 +238,135 @@ async fn silent_client_is_closed_after_the_handshake_timeout() {
         elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(5),
         "closed after {elapsed:?}, expected about 1 s"
     );
+}
+
+#[tokio::test]
+async fn sni_of_one_site_with_host_of_another_is_misdirected() {
+    let mut s = two_sites("").await;
+    let roots = tls::roots(&s.ca.pem());
+    for alpn in ["h2", "http/1.1"] {
+        let client = tls::default_client(&roots, &[alpn]);
+        let stream = tls::connect(s.proxy.addr, "a.test", client)
+            .await
+            .expect("handshake a.test");
+        assert_eq!(tls::alpn(&stream).as_deref(), Some(alpn));
+        // One connection: its own host, another configured host (in any
+        // spelling), then its own host again, which still works.
+        let replies = tls::get_each(
+            stream,
+            &[
+                ("a.test", "/"),
+                ("x.b.test", "/"),
+                ("X.B.test.:443", "/"),
+                ("a.test:443", "/"),
+            ],
+        )
+        .await;
+        let statuses: Vec<u16> = replies.iter().map(|r| r.status.as_u16()).collect();
+        assert_eq!(statuses, [200, 421, 421, 200], "{alpn}");
+        assert_eq!(replies[0].text(), "a HTTP/1.1");
+        assert!(
+            replies[1]
+                .text()
+                .contains("the TLS server name differs from the requested host"),
+            "{alpn}: {}",
+            replies[1].text()
+        );
+    }
+
+    // The other way round: the wildcard certificate's site asked for a.test.
+    let client = tls::default_client(&roots, &["http/1.1"]);
+    let stream = tls::connect(s.proxy.addr, "x.b.test", client.clone())
+        .await
+        .expect("handshake x.b.test");
+    let replies = tls::get_each(stream, &[("a.test", "/"), ("x.b.test", "/")]).await;
+    assert_eq!(replies[0].status, StatusCode::MISDIRECTED_REQUEST);
+    assert_eq!(replies[1].text(), "b HTTP/1.1");
+
+    // An absolute-form target is routed by its authority, so it is held
+    // against the SNI too, whatever `Host` says.
+    let mut stream = tls::connect(s.proxy.addr, "a.test", client)
+        .await
+        .expect("handshake a.test");
+    stream
+        .write_all(b"GET https://x.b.test/ HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .expect("answered in time");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 421 "), "{answer}");
+
+    assert_eq!(s.b.hits(), 1, "only the request made under b's own SNI");
+    assert_eq!(s.a.hits(), 4, "two per protocol under a's own SNI");
+    let line = s.proxy.wait_for_line(
+        |l| l.contains(" REQUEST ") && l.contains("host=x.b.test") && l.contains("status=421"),
+        Duration::from_secs(5),
+    );
+    assert!(line.contains("upstream=- "), "{line}");
+}
+
+#[tokio::test]
+async fn half_a_client_hello_is_closed_after_the_handshake_timeout() {
+    let s = two_sites("header_read_timeout_secs = 1").await;
+    let roots = tls::roots(&s.ca.pem());
+    let client = tls::default_client(&roots, &["h2", "http/1.1"]);
+    let hello = tls::client_hello(client.clone(), "a.test");
+    assert!(
+        hello.len() > 100,
+        "a real ClientHello: {} bytes",
+        hello.len()
+    );
+    // A record header alone, half a hello, all of it but the last byte.
+    let prefixes = [
+        &hello[..5],
+        &hello[..hello.len() / 2],
+        &hello[..hello.len() - 1],
+    ];
+
+    let started = Instant::now();
+    let mut stalled = Vec::new();
+    for prefix in prefixes.iter().cycle().take(30) {
+        let mut stream = TcpStream::connect(s.proxy.addr).await.expect("connect");
+        stream.write_all(prefix).await.expect("write");
+        stalled.push(tokio::spawn(async move {
+            let mut answer = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+                .await
+                .expect("the proxy closed the connection");
+            (started.elapsed(), answer)
+        }));
+    }
+
+    // Others are served while the stalled handshakes wait.
+    let mut slowest = Duration::ZERO;
+    while started.elapsed() < Duration::from_millis(800) {
+        let asked = Instant::now();
+        let (_, reply) = tls::https_get(s.proxy.addr, "a.test", client.clone(), "/health").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        slowest = slowest.max(asked.elapsed());
+    }
+    println!("slowest /health (new TLS connection) during the stall: {slowest:?}");
+    assert!(
+        slowest < Duration::from_secs(1),
+        "/health took {slowest:?} during the stall"
+    );
+
+    for task in stalled {
+        let (elapsed, answer) = task.await.expect("task");
+        assert!(
+            answer.is_empty(),
+            "nothing is sent before a complete ClientHello: {answer:x?}"
+        );
+        assert!(
+            elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(5),
+            "closed after {elapsed:?}, expected about 1 s"
+        );
+    }
+    let (_, reply) = tls::https_get(s.proxy.addr, "a.test", client, "/").await;
+    assert_eq!(reply.text(), "a HTTP/1.1");
 }
 
 #[tokio::test]

@@ -194,6 +194,66 @@ pub async fn get(stream: TlsStream<TcpStream>, host: &str, path: &str) -> (Versi
     )
 }
 
+/// GETs each `(host, path)` in turn on one established TLS stream
+/// (HTTP/2 when ALPN chose `h2`, else HTTP/1.1 keep-alive), so that
+/// requests for different hosts share the connection and its SNI.
+pub async fn get_each(stream: TlsStream<TcpStream>, requests: &[(&str, &str)]) -> Vec<Reply> {
+    let h2 = alpn(&stream).as_deref() == Some("h2");
+    let io = TokioIo::new(stream);
+    let mut replies = Vec::new();
+    if h2 {
+        let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .expect("h2 handshake");
+        tokio::spawn(conn);
+        for (host, path) in requests {
+            let req = http::Request::get(format!("https://{host}{path}"))
+                .body(Body::empty())
+                .expect("request");
+            replies.push(collect(send.send_request(req).await.expect("response")).await);
+        }
+    } else {
+        let (mut send, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .expect("h1 handshake");
+        tokio::spawn(conn);
+        for (host, path) in requests {
+            let req = http::Request::get(*path)
+                .header(http::header::HOST, *host)
+                .body(Body::empty())
+                .expect("request");
+            replies.push(collect(send.send_request(req).await.expect("response")).await);
+        }
+    }
+    replies
+}
+
+async fn collect(response: http::Response<hyper::body::Incoming>) -> Reply {
+    let (parts, body) = response.into_parts();
+    let body = tokio::time::timeout(Duration::from_secs(10), body.collect())
+        .await
+        .expect("body in time")
+        .expect("body")
+        .to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// The first flight a real client sends: a complete ClientHello record,
+/// as `config` would send it for `sni`.
+pub fn client_hello(config: Arc<ClientConfig>, sni: &str) -> Vec<u8> {
+    let name = ServerName::try_from(sni.to_owned()).expect("server name");
+    let mut conn = rustls::ClientConnection::new(config, name).expect("client connection");
+    let mut hello = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut hello).expect("write to a Vec");
+    }
+    hello
+}
+
 /// Connects with `sni`, then GETs `path`.
 pub async fn https_get(
     addr: SocketAddr,
