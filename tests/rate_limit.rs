@@ -597,3 +597,58 @@ async fn fail2ban_regex_matches_exactly_the_limited_clients() {
     assert_eq!(ips, logged);
     assert_eq!(ips.into_iter().collect::<BTreeSet<_>>(), limited);
 }
+
+#[test]
+fn bad_rate_limit_settings_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = "[server.tls]\nmode = \"off\"\n\
+        [proxy]\ntrusted_proxies = [\"10.0.0.0/8\", \"not-a-cidr\"]\n\
+        [rate_limit]\nrequests_per_second = 0\nburst = 1000001\nipv6_prefix_len = 129\n\
+        eviction_interval_secs = 90000\neviction_age_secs = 0\n\
+        [[sites]]\nhost = \"a.test\"\nupstream = \"http://127.0.0.1:1\"\n";
+    let path = write_file(dir.path(), "bad.toml", bad);
+    let (code, _, err) =
+        common::run_binary(&["--validate", "--config", path.to_str().expect("path")]);
+    assert_eq!(code, 2, "{err}");
+    for expected in [
+        "proxy.trusted_proxies[1]: not an IP address or CIDR: \"not-a-cidr\"",
+        "rate_limit.requests_per_second: must be between 1 and 1000000, got 0",
+        "rate_limit.burst: must be between 1 and 1000000, got 1000001",
+        "rate_limit.ipv6_prefix_len: must be between 1 and 128, got 129",
+        "rate_limit.eviction_interval_secs: must be between 1 and 86400, got 90000",
+        "rate_limit.eviction_age_secs: must be between 1 and 86400, got 0",
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+    }
+
+    let typo = "[server.tls]\nmode = \"off\"\n[rate_limit]\nenabled = \"yes\"\n\
+        [[sites]]\nhost = \"a.test\"\nupstream = \"http://127.0.0.1:1\"\n";
+    let path = write_file(dir.path(), "typo.toml", typo);
+    let (code, _, err) =
+        common::run_binary(&["--validate", "--config", path.to_str().expect("path")]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("expected a boolean"), "{err}");
+}
+
+#[tokio::test]
+async fn a_bad_reload_keeps_the_running_limiter_and_its_buckets() {
+    let upstream = Upstream::echo("a").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = site_config(&upstream, "", &limits(1, 20));
+    let path = write_file(dir.path(), "config.toml", &good);
+    let proxy = start(&good).await;
+    let addr = proxy.local_addr();
+    let before = proxy.state().snapshot().limiter.clone().expect("limiter");
+
+    assert_admitted(&burst(addr, V4, 30, "").await, 21);
+    write_file(
+        dir.path(),
+        "config.toml",
+        &site_config(&upstream, "", &limits(0, 20)),
+    );
+    assert!(reload(proxy.state(), &path, proxy.static_config()).is_err());
+    let after = proxy.state().snapshot().limiter.clone().expect("limiter");
+    assert!(std::sync::Arc::ptr_eq(&before, &after));
+    assert_eq!(burst(addr, V4, 3, "").await, [429, 429, 429]);
+    proxy.shutdown().await;
+}
