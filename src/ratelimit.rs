@@ -21,7 +21,7 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::response::Response;
 use futures_util::future::{Either, Ready, ready};
-use governor::clock::{Clock, DefaultClock, Reference};
+use governor::clock::{Clock, MonotonicClock, Reference};
 use governor::middleware::NoOpMiddleware;
 use governor::nanos::Nanos;
 use governor::state::StateStore;
@@ -43,7 +43,14 @@ use crate::state::AppState;
 
 /// Token buckets for every client seen recently, with the quota they are
 /// measured against.
-pub struct Limiter<C: Clock = DefaultClock> {
+///
+/// The clock is `std::time::Instant` rather than governor's default TSC
+/// clock (quanta): requests are checked on several worker threads, and on
+/// virtual machines the TSC read on one CPU can be behind another's by
+/// a microsecond or more. A request timed that way finds its client's last
+/// token "not yet" there, so a fresh client could get one request less than
+/// `burst + 1`. The kernel's monotonic clock never goes back across CPUs.
+pub struct Limiter<C: Clock = MonotonicClock> {
     limiter: RateLimiter<IpAddr, Buckets, C, NoOpMiddleware<C::Instant>>,
     /// The same map the limiter updates, kept here so eviction can apply its
     /// own age: governor's `RateLimiter::retain_recent` only knows "as good
@@ -98,7 +105,7 @@ impl Limiter {
     pub fn from_settings(settings: &RateLimitSettings) -> Option<Self> {
         settings
             .enabled
-            .then(|| Self::with_clock(settings, DefaultClock::default()))
+            .then(|| Self::with_clock(settings, MonotonicClock))
     }
 }
 
@@ -369,6 +376,29 @@ mod tests {
         assert_eq!(admitted(&limiter, client, 30), 10);
         clock.advance(Duration::from_secs(60));
         assert_eq!(admitted(&limiter, client, 30), 21);
+    }
+
+    /// Threads racing for the last tokens of a bucket: exactly `burst + 1`
+    /// pass, however their clock readings and updates interleave.
+    #[test]
+    fn concurrent_checks_admit_exactly_the_burst() {
+        for trial in 0..500 {
+            let limiter = Limiter::from_settings(&settings(1, 1)).expect("enabled");
+            let client = ip("192.0.2.1");
+            let start = std::sync::Barrier::new(4);
+            let admitted: usize = std::thread::scope(|scope| {
+                let workers: Vec<_> = (0..4)
+                    .map(|_| {
+                        scope.spawn(|| {
+                            start.wait();
+                            usize::from(limiter.check(client).is_ok())
+                        })
+                    })
+                    .collect();
+                workers.into_iter().map(|w| w.join().expect("worker")).sum()
+            });
+            assert_eq!(admitted, 2, "trial {trial}");
+        }
     }
 
     #[test]

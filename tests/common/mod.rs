@@ -118,6 +118,11 @@ pub fn config(sites: &[(&str, &str)], server_extra: &str, extra: &str) -> String
     toml
 }
 
+/// `extra` for tests that send more than a burst of requests from
+/// 127.0.0.1: every test client shares that address, and so one
+/// rate-limit bucket (21 requests at once, then 10 per second).
+pub const NO_RATE_LIMIT: &str = "[rate_limit]\nenabled = false\n";
+
 /// The real binary, started on a config file, with its output captured.
 pub struct ProxyProcess {
     pub child: Child,
