@@ -12,6 +12,7 @@ use tracing::info;
 use crate::admin::{self, Admin};
 use crate::config::{Config, StaticConfig, TlsConfig};
 use crate::metrics::{Metrics, MetricsError};
+use crate::ratelimit;
 use crate::redirect;
 use crate::router::router;
 use crate::server::{Server, listener};
@@ -96,6 +97,7 @@ impl Running {
         };
 
         let state = AppState::new(dynamic, metrics.clone());
+        background.spawn(ratelimit::evict_periodically(state.clone()));
         let server = Server::with_metrics(&settings, router(state.clone()), metrics.clone());
         let mut tasks = JoinSet::new();
         match &tls {

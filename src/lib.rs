@@ -9,6 +9,7 @@
 //!   ACME or from files chosen by SNI.
 //! - [`router`]: the request pipeline: `/health`, then the proxy.
 //! - [`client_ip`]: who the client is (trusted proxies, `X-Forwarded-For`).
+//! - [`ratelimit`]: per-client token buckets in front of the proxy (`429`).
 //! - [`proxy`]: host routing, header rewriting, streaming to the upstream,
 //!   upgrades.
 //! - [`body_timeout`]: request bodies that stop arriving are cut off.
@@ -34,6 +35,7 @@ pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
+pub mod ratelimit;
 pub mod redirect;
 pub mod router;
 pub mod server;

@@ -11,6 +11,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::DynamicConfig;
 use crate::metrics::{Metrics, SiteMetrics, SiteTable};
 use crate::proxy::upstream::{self, UpstreamClient};
+use crate::ratelimit::Limiter;
 
 /// One consistent view of what requests are served with.
 pub struct Snapshot {
@@ -18,11 +19,14 @@ pub struct Snapshot {
     pub upstream: UpstreamClient,
     /// Per-site metric handles for this config; `None` without `[admin]`.
     pub metrics: Option<SiteTable>,
+    /// `None` when rate limiting is off.
+    pub limiter: Option<Arc<Limiter>>,
 }
 
 impl Snapshot {
-    /// Builds a snapshot, reusing the previous one's upstream pool when the
-    /// settings it was built from did not change.
+    /// Builds a snapshot, reusing the previous one's upstream pool and
+    /// rate-limit buckets when the settings they were built from did not
+    /// change (so a reload does not hand every client a fresh burst).
     pub fn new(
         config: DynamicConfig,
         previous: Option<&Snapshot>,
@@ -33,10 +37,15 @@ impl Snapshot {
             _ => upstream::client(&config.proxy),
         };
         let metrics = metrics.map(|m| m.sites(&config));
+        let limiter = match previous.and_then(|prev| prev.limiter.as_ref()) {
+            Some(limiter) if limiter.fits(&config.rate_limit) => Some(Arc::clone(limiter)),
+            _ => Limiter::from_settings(&config.rate_limit).map(Arc::new),
+        };
         Self {
             config,
             upstream,
             metrics,
+            limiter,
         }
     }
 

@@ -28,7 +28,7 @@ const PER_RELOAD: usize = 100;
 /// The site config pointing at `upstream`. Access lines are left out of
 /// stdout: thousands of them would only slow down the line matching.
 fn site_config(upstream: &Upstream) -> String {
-    config(&[(HOST, &upstream.url())], "", "")
+    config(&[(HOST, &upstream.url())], "", common::NO_RATE_LIMIT)
         .replace("log_level = \"info\"", "log_level = \"info,access=warn\"")
 }
 

@@ -46,7 +46,7 @@ async fn heavy_500_slow_clients_do_not_delay_normal_ones() {
     let proxy = ProxyProcess::start(&config(
         &[("a.test", &recorder.url())],
         "header_read_timeout_secs = 60\nbody_read_timeout_secs = 60",
-        "",
+        common::NO_RATE_LIMIT,
     ));
     health(proxy.addr, Duration::from_secs(1)).await;
     let baseline = hostile::rss_now(&proxy);

@@ -22,7 +22,7 @@ fn start_logging_to(recorder: &Recorder, prepare: impl FnOnce(&std::path::Path))
     let toml = config(
         &[("a.test", &recorder.url())],
         &format!("access_log = \"{}\"", log.display()),
-        "",
+        common::NO_RATE_LIMIT,
     );
     std::fs::write(dir.path().join("config.toml"), toml).expect("config");
     ProxyProcess::start_in(dir, &[])
@@ -89,7 +89,7 @@ async fn log_filesystem_filling_up_never_stops_requests() {
     let toml = config(
         &[("a.test", &recorder.url())],
         &format!("access_log = \"{}\"", log.display()),
-        "",
+        common::NO_RATE_LIMIT,
     );
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("config.toml"), toml).expect("config");

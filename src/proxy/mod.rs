@@ -19,7 +19,7 @@ use hyper::body::Incoming;
 use tracing::{info, warn};
 
 use crate::body_timeout::BodyStalled;
-use crate::client_ip::client_ip;
+use crate::client_ip::{ClientIp, client_ip};
 use crate::config::Site;
 use crate::conn_info::ConnInfo;
 use crate::logging::ACCESS;
@@ -37,11 +37,14 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
         return plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n");
     };
     let snapshot = state.snapshot();
-    let client = client_ip(
-        conn.peer.ip(),
-        req.headers(),
-        &snapshot.config.proxy.trusted_proxies,
-    );
+    let client = match req.extensions().get::<ClientIp>() {
+        Some(ClientIp(ip)) => *ip,
+        None => client_ip(
+            conn.peer.ip(),
+            req.headers(),
+            &snapshot.config.proxy.trusted_proxies,
+        ),
+    };
     let exchange = Exchange::new(&req, &conn, client, started);
     if !headers::transfer_coding_is_chunked_only(req.headers()) {
         // hyper has decoded the chunked framing; any other coding would be

@@ -118,6 +118,11 @@ pub fn config(sites: &[(&str, &str)], server_extra: &str, extra: &str) -> String
     toml
 }
 
+/// `extra` for tests that send more than a burst of requests from
+/// 127.0.0.1: every test client shares that address, and so one
+/// rate-limit bucket (21 requests at once, then 10 per second).
+pub const NO_RATE_LIMIT: &str = "[rate_limit]\nenabled = false\n";
+
 /// The real binary, started on a config file, with its output captured.
 pub struct ProxyProcess {
     pub child: Child,
@@ -436,4 +441,75 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("free port")
         .port()
+}
+
+/// A TCP connection to `addr` from the local address `local`: 127.0.0.2
+/// (or any address on `lo`) acts as a second client on the same machine.
+pub async fn connect_from(local: std::net::IpAddr, addr: SocketAddr) -> TcpStream {
+    let socket = if local.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .expect("client socket");
+    socket
+        .bind(SocketAddr::new(local, 0))
+        .expect("bind client address");
+    tokio::time::timeout(Duration::from_secs(10), socket.connect(addr))
+        .await
+        .expect("connect within 10 s")
+        .expect("connect")
+}
+
+/// Opens `n` connections from `local` first, then writes `request(i)` on
+/// connection `i` back to back, so the proxy sees all requests within a
+/// millisecond or so; returns each raw response, in order. Requests should
+/// carry `Connection: close`.
+pub async fn simultaneous(
+    local: std::net::IpAddr,
+    addr: SocketAddr,
+    n: usize,
+    request: impl Fn(usize) -> String,
+) -> Vec<String> {
+    send_each(connect_many(local, addr, n).await, request).await
+}
+
+/// `n` connections from `local` to `addr`.
+pub async fn connect_many(local: std::net::IpAddr, addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut streams = Vec::with_capacity(n);
+    for _ in 0..n {
+        streams.push(connect_from(local, addr).await);
+    }
+    streams
+}
+
+/// Writes `request(i)` on `streams[i]`, all before reading any response,
+/// then reads each response until the server closes.
+pub async fn send_each(
+    mut streams: Vec<TcpStream>,
+    request: impl Fn(usize) -> String,
+) -> Vec<String> {
+    let requests: Vec<String> = (0..streams.len()).map(request).collect();
+    for (stream, req) in streams.iter_mut().zip(&requests) {
+        stream
+            .write_all(req.as_bytes())
+            .await
+            .expect("write request");
+    }
+    let mut responses = Vec::with_capacity(streams.len());
+    for stream in &mut streams {
+        responses.push(read_until_close(stream, Duration::from_secs(30)).await);
+    }
+    responses
+}
+
+/// A header's value in raw HTTP/1.1 output (first response, any case).
+pub fn header_of(raw: &str, name: &str) -> Option<String> {
+    let head = raw.split("\r\n\r\n").next()?;
+    head.lines().skip(1).find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        key.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| value.trim().to_owned())
+    })
 }
