@@ -2,8 +2,9 @@
 //!
 //! Everything goes to stdout (journald). Events on the [`ACCESS`] target —
 //! `REQUEST`, `RATE_LIMIT`, `UPSTREAM_ERROR` — also go to the optional
-//! `access_log` file that fail2ban reads. Both writers are non-blocking: a
-//! slow terminal or a full disk drops lines instead of stalling requests.
+//! `access_log` file that fail2ban reads. Both writers are non-blocking and
+//! batch their writes ([`batch`]): a slow terminal or a full disk drops
+//! lines instead of stalling requests.
 //! Values are quoted and escaped here, in one place, so a client cannot forge
 //! a line break or a second `client_ip=` through a path or a header.
 
@@ -14,9 +15,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+mod batch;
+
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
-use tracing_appender::non_blocking::{NonBlocking, WorkerGuard};
 use tracing_subscriber::filter::{EnvFilter, filter_fn};
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
@@ -37,12 +39,14 @@ pub enum LoggingError {
     Filter { filter: String, reason: String },
     #[error("a global logger is already installed")]
     AlreadyInstalled,
+    #[error("cannot start a log writer thread: {0}")]
+    Thread(io::Error),
 }
 
 /// Keeps the log writers alive and lets the access log be reopened.
 pub struct LogHandle {
     access_log: Option<ReopenableFile>,
-    _guards: Vec<WorkerGuard>,
+    _guards: Vec<batch::BatchGuard>,
 }
 
 impl LogHandle {
@@ -67,7 +71,8 @@ pub fn init(level: &str, access_log: Option<&Path>) -> Result<LogHandle, Logging
             filter: filter_text.clone(),
             reason: e.to_string(),
         })?;
-    let (stdout, stdout_guard) = tracing_appender::non_blocking(io::stdout());
+    let (stdout, stdout_guard) =
+        batch::batch("log-stdout", io::stdout()).map_err(LoggingError::Thread)?;
     let mut guards = vec![stdout_guard];
     let stdout_layer = line_layer(stdout).with_filter(filter);
 
@@ -77,7 +82,8 @@ pub fn init(level: &str, access_log: Option<&Path>) -> Result<LogHandle, Logging
                 path: path.to_owned(),
                 source,
             })?;
-            let (writer, guard) = tracing_appender::non_blocking(file.clone());
+            let (writer, guard) =
+                batch::batch("log-access", file.clone()).map_err(LoggingError::Thread)?;
             guards.push(guard);
             let layer = line_layer(writer).with_filter(filter_fn(|m| m.target() == ACCESS));
             (Some(layer), Some(file))
@@ -95,7 +101,7 @@ pub fn init(level: &str, access_log: Option<&Path>) -> Result<LogHandle, Logging
     })
 }
 
-fn line_layer<S>(writer: NonBlocking) -> impl Layer<S>
+fn line_layer<S>(writer: batch::BatchWriter) -> impl Layer<S>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
