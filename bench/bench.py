@@ -606,6 +606,9 @@ def main():
     parser.add_argument("--baseline-bin",
                         help="another reverse-proxy build to compare with: runs only the "
                              "plain HTTP cases, with this build as an extra column")
+    parser.add_argument("--rp-log-level", default="warn",
+                        help="log_level of the main reverse-proxy instances; at the default "
+                             "(warn) access lines go to the access log file only")
     parser.add_argument("--upstream-bin", default="target/release/examples/bench_upstream")
     parser.add_argument("--quick", action="store_true",
                         help="a few seconds per case, one round: checks the script works")
@@ -636,7 +639,7 @@ def main():
     try:
         setup.make_cert()
         peers = {"direct": setup.start_upstream()}
-        peers["reverse-proxy"] = setup.start_rp("rp")
+        peers["reverse-proxy"] = setup.start_rp("rp", level=args.rp_log_level)
         rp_tls = setup.start_rp("rp-tls", tls=True)
         setup.tls_available = rp_tls is not None
         if rp_tls:
@@ -646,7 +649,8 @@ def main():
         peers["nginx"] = setup.start_nginx()
         peers["haproxy"] = setup.start_haproxy()
         if args.baseline_bin:
-            base = setup.start_rp("rp-baseline", binary=args.baseline_bin)
+            base = setup.start_rp("rp-baseline", binary=args.baseline_bin,
+                                  level=args.rp_log_level)
             base.name = "rp-baseline"
             peers["rp-baseline"] = base
         peers["rp-nolog"] = setup.start_rp("rp-nolog", access_log=False)
@@ -775,9 +779,8 @@ def ratio(a, b):
 def render(cases, results, idle, setup, rounds, duration, idle_n, notes):
     columns = [n for n in ("direct", "reverse-proxy", "rp-baseline", "nginx", "haproxy")
                if any(n in c.peers for c in cases)]
-    ratios = [("reverse-proxy", "nginx"), ("haproxy", "nginx")]
-    if "rp-baseline" in columns:
-        ratios.insert(0, ("reverse-proxy", "rp-baseline"))
+    ratios = [(a, b) for a, b in (("reverse-proxy", "rp-baseline"), ("reverse-proxy", "nginx"),
+                                  ("haproxy", "nginx")) if a in columns and b in columns]
     head = ["case", "metric"] + columns + [f"{a} / {b}".replace("reverse-proxy", "rp")
                                            for a, b in ratios]
     rows = []

@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 mod batch;
 
 use tracing::field::{Field, Visit};
-use tracing::{Event, Subscriber};
-use tracing_subscriber::filter::{EnvFilter, filter_fn};
+use tracing::{Event, Metadata, Subscriber};
+use tracing_subscriber::filter::{EnvFilter, FilterExt, filter_fn};
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
@@ -60,23 +61,28 @@ impl LogHandle {
 }
 
 /// Installs the global subscriber. `RUST_LOG`, when set, overrides `level`.
+///
+/// An access line that stdout also shows is formatted once and written to
+/// both sinks by the stdout layer; the file layer formats only the access
+/// lines that stdout's filter leaves out (e.g. with `log_level = "warn"`).
 pub fn init(level: &str, access_log: Option<&Path>) -> Result<LogHandle, LoggingError> {
     let filter_text = std::env::var("RUST_LOG")
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| level.to_owned());
-    let filter = EnvFilter::builder()
-        .parse(&filter_text)
-        .map_err(|e| LoggingError::Filter {
-            filter: filter_text.clone(),
-            reason: e.to_string(),
-        })?;
+    let parse = || {
+        EnvFilter::builder()
+            .parse(&filter_text)
+            .map_err(|e| LoggingError::Filter {
+                filter: filter_text.clone(),
+                reason: e.to_string(),
+            })
+    };
     let (stdout, stdout_guard) =
         batch::batch("log-stdout", io::stdout()).map_err(LoggingError::Thread)?;
     let mut guards = vec![stdout_guard];
-    let stdout_layer = line_layer(stdout).with_filter(filter);
 
-    let (file_layer, reopenable) = match access_log {
+    let (access, file_layer, reopenable) = match access_log {
         Some(path) => {
             let file = ReopenableFile::open(path).map_err(|source| LoggingError::AccessLog {
                 path: path.to_owned(),
@@ -85,11 +91,14 @@ pub fn init(level: &str, access_log: Option<&Path>) -> Result<LogHandle, Logging
             let (writer, guard) =
                 batch::batch("log-access", file.clone()).map_err(LoggingError::Thread)?;
             guards.push(guard);
-            let layer = line_layer(writer).with_filter(filter_fn(|m| m.target() == ACCESS));
-            (Some(layer), Some(file))
+            let stdout_shows = parse()?;
+            let layer = line_layer(writer.clone())
+                .with_filter(filter_fn(|m| m.target() == ACCESS).and(stdout_shows.not()));
+            (Some(writer), Some(layer), Some(file))
         }
-        None => (None, None),
+        None => (None, None, None),
     };
+    let stdout_layer = line_layer(Tee { stdout, access }).with_filter(parse()?);
     tracing_subscriber::registry()
         .with(stdout_layer)
         .with(file_layer)
@@ -101,14 +110,58 @@ pub fn init(level: &str, access_log: Option<&Path>) -> Result<LogHandle, Logging
     })
 }
 
-fn line_layer<S>(writer: batch::BatchWriter) -> impl Layer<S>
+fn line_layer<S, W>(writer: W) -> impl Layer<S>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
     tfmt::layer()
         .event_format(LineFormat)
         .with_ansi(false)
         .with_writer(writer)
+}
+
+/// Stdout, plus the access log file for lines on the [`ACCESS`] target.
+struct Tee {
+    stdout: batch::BatchWriter,
+    access: Option<batch::BatchWriter>,
+}
+
+struct TeeWriter<'a> {
+    stdout: &'a batch::BatchWriter,
+    access: Option<&'a batch::BatchWriter>,
+}
+
+impl<'a> MakeWriter<'a> for Tee {
+    type Writer = TeeWriter<'a>;
+
+    fn make_writer(&'a self) -> TeeWriter<'a> {
+        TeeWriter {
+            stdout: &self.stdout,
+            access: None,
+        }
+    }
+
+    fn make_writer_for(&'a self, meta: &Metadata<'_>) -> TeeWriter<'a> {
+        TeeWriter {
+            stdout: &self.stdout,
+            access: self.access.as_ref().filter(|_| meta.target() == ACCESS),
+        }
+    }
+}
+
+impl Write for TeeWriter<'_> {
+    fn write(&mut self, line: &[u8]) -> io::Result<usize> {
+        self.stdout.append(line);
+        if let Some(access) = self.access {
+            access.append(line);
+        }
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// `2026-11-21T11:42:00.123456Z  INFO REQUEST client_ip=… host=…`

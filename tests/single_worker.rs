@@ -43,9 +43,8 @@ async fn single_worker_serves_logs_every_request_and_stops_cleanly() {
     ));
     let log = proxy.dir.path().join("access.log");
     let addr = proxy.addr;
-    let requests = (0..50).map(|i| {
-        tokio::spawn(async move { get(addr, "a.test", &format!("/n{i}")).await.status })
-    });
+    let requests = (0..50)
+        .map(|i| tokio::spawn(async move { get(addr, "a.test", &format!("/n{i}")).await.status }));
     for request in requests {
         assert_eq!(request.await.expect("task"), 200);
     }
@@ -110,9 +109,48 @@ async fn a_closed_stdout_does_not_stop_requests_or_the_access_log() {
 #[test]
 fn zero_worker_threads_is_rejected() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let toml = config(&[("a.test", "http://127.0.0.1:9")], "worker_threads = 0", "");
+    let toml = config(
+        &[("a.test", "http://127.0.0.1:9")],
+        "worker_threads = 0",
+        "",
+    );
     let conf = write_file(dir.path(), "config.toml", &toml);
     let (code, _, stderr) = run_binary(&["--validate", "--config", conf.to_str().expect("path")]);
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("server.worker_threads"), "{stderr}");
+}
+
+#[tokio::test]
+async fn each_access_line_is_written_once_whichever_layer_formats_it() {
+    let a = Upstream::echo("site-a").await;
+    // The second filter hides access lines from stdout but keeps the LISTEN
+    // line the harness waits for.
+    for level in ["info", "warn,reverse_proxy::daemon=info"] {
+        let toml = config(
+            &[("a.test", &a.url())],
+            "worker_threads = 1\naccess_log = \"$DIR/access.log\"",
+            "",
+        );
+        let mut proxy = ProxyProcess::start_with(&toml, &[("RUST_LOG", level)]);
+        let log = proxy.dir.path().join("access.log");
+        for i in 0..10 {
+            assert_eq!(
+                get(proxy.addr, "a.test", &format!("/{level}{i}"))
+                    .await
+                    .status,
+                200
+            );
+        }
+        proxy.signal("TERM");
+        assert_eq!(proxy.wait_exit(Duration::from_secs(15)), Some(0));
+        let lines = access_lines(&log);
+        assert_eq!(lines.len(), 10, "log_level {level}: {lines:#?}");
+        let on_stdout = proxy
+            .lines()
+            .iter()
+            .filter(|l| l.contains(" REQUEST "))
+            .count();
+        // stdout shows access lines at info, not at warn.
+        assert_eq!(on_stdout, if level == "info" { 10 } else { 0 }, "{level}");
+    }
 }

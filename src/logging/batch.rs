@@ -113,12 +113,13 @@ fn run<W: Write>(shared: &Shared, mut out: W) {
     }
 }
 
-impl Write for BatchWriter {
-    fn write(&mut self, line: &[u8]) -> io::Result<usize> {
+impl BatchWriter {
+    /// Queues one formatted line (formatters write a whole line at once).
+    pub fn append(&self, line: &[u8]) {
         let mut pending = self.shared.lock();
         if pending.buf.len() + line.len() > MAX_PENDING {
             pending.dropped += 1;
-            return Ok(line.len());
+            return;
         }
         let was_empty = pending.buf.is_empty();
         pending.buf.extend_from_slice(line);
@@ -126,6 +127,12 @@ impl Write for BatchWriter {
         if was_empty {
             self.shared.wake.notify_one();
         }
+    }
+}
+
+impl Write for &BatchWriter {
+    fn write(&mut self, line: &[u8]) -> io::Result<usize> {
+        self.append(line);
         Ok(line.len())
     }
 
@@ -135,10 +142,10 @@ impl Write for BatchWriter {
 }
 
 impl<'a> MakeWriter<'a> for BatchWriter {
-    type Writer = BatchWriter;
+    type Writer = &'a BatchWriter;
 
     fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
+        self
     }
 }
 
