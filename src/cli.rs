@@ -104,11 +104,19 @@ fn validate(path: &Path) -> ExitCode {
 }
 
 fn run(config: Config, path: &Path) -> Result<lifecycle::Exit, RunError> {
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    let mut runtime = match config.server.worker_threads {
+        // With one worker, the work-stealing scheduler's cross-thread
+        // bookkeeping buys nothing; the current-thread scheduler runs the
+        // same tasks on the same single thread with less of it.
+        Some(n) if n.get() == 1 => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n.get());
+            builder
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     runtime.enable_all();
-    if let Some(n) = config.server.worker_threads {
-        runtime.worker_threads(n.get());
-    }
     let runtime = runtime.build().map_err(RunError::Runtime)?;
     let exit = runtime.block_on(async {
         let log = logging::init(

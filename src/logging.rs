@@ -4,8 +4,9 @@
 //! the [`ACCESS`] target — `REQUEST`, `RATE_LIMIT`, `UPSTREAM_ERROR` — also
 //! go to the optional `access_log` file, in the format
 //! `access_log_format` picks: `key=value` for fail2ban, or one JSON object
-//! per line for Loki and similar pipelines. Both writers are non-blocking: a
-//! slow terminal or a full disk drops lines instead of stalling requests.
+//! per line for Loki and similar pipelines. Both writers are non-blocking and
+//! batch their writes ([`batch`]): a slow terminal or a full disk drops
+//! lines instead of stalling requests.
 //! Values are quoted and escaped here, in one place, so a client cannot forge
 //! a line break or a second `client_ip=` (or JSON key) through a path or a
 //! header.
@@ -17,10 +18,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+mod batch;
+
 use tracing::field::{Field, Visit};
-use tracing::{Event, Subscriber};
-use tracing_appender::non_blocking::{NonBlocking, WorkerGuard};
-use tracing_subscriber::filter::{EnvFilter, filter_fn};
+use tracing::{Event, Metadata, Subscriber};
+use tracing_subscriber::filter::{EnvFilter, FilterExt, filter_fn};
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
@@ -42,12 +45,14 @@ pub enum LoggingError {
     Filter { filter: String, reason: String },
     #[error("a global logger is already installed")]
     AlreadyInstalled,
+    #[error("cannot start a log writer thread: {0}")]
+    Thread(io::Error),
 }
 
 /// Keeps the log writers alive and lets the access log be reopened.
 pub struct LogHandle {
     access_log: Option<ReopenableFile>,
-    _guards: Vec<WorkerGuard>,
+    _guards: Vec<batch::BatchGuard>,
 }
 
 impl LogHandle {
@@ -62,6 +67,11 @@ impl LogHandle {
 
 /// Installs the global subscriber. `RUST_LOG`, when set, overrides `level`.
 /// `format` applies to the `access_log` file only.
+///
+/// In `kv` format, an access line that stdout also shows is formatted once
+/// and written to both sinks by the stdout layer; the file layer formats
+/// only the access lines that stdout's filter leaves out (e.g. with
+/// `log_level = "warn"`).
 pub fn init(
     level: &str,
     access_log: Option<&Path>,
@@ -71,40 +81,46 @@ pub fn init(
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| level.to_owned());
-    let filter = EnvFilter::builder()
-        .parse(&filter_text)
-        .map_err(|e| LoggingError::Filter {
-            filter: filter_text.clone(),
-            reason: e.to_string(),
-        })?;
-    let (stdout, stdout_guard) = tracing_appender::non_blocking(io::stdout());
+    let parse = || {
+        EnvFilter::builder()
+            .parse(&filter_text)
+            .map_err(|e| LoggingError::Filter {
+                filter: filter_text.clone(),
+                reason: e.to_string(),
+            })
+    };
+    let (stdout, stdout_guard) =
+        batch::batch("log-stdout", io::stdout()).map_err(LoggingError::Thread)?;
     let mut guards = vec![stdout_guard];
-    let stdout_layer = line_layer(stdout).with_filter(filter);
 
-    let (kv_file, json_file, reopenable) = match access_log {
+    let (access, kv_file, json_file, reopenable) = match access_log {
         Some(path) => {
             let file = ReopenableFile::open(path).map_err(|source| LoggingError::AccessLog {
                 path: path.to_owned(),
                 source,
             })?;
-            let (writer, guard) = tracing_appender::non_blocking(file.clone());
+            let (writer, guard) =
+                batch::batch("log-access", file.clone()).map_err(LoggingError::Thread)?;
             guards.push(guard);
             let access_only = filter_fn(|m| m.target() == ACCESS);
             match format {
-                AccessLogFormat::Kv => (
-                    Some(line_layer(writer).with_filter(access_only)),
-                    None,
-                    Some(file),
-                ),
+                AccessLogFormat::Kv => {
+                    let stdout_shows = parse()?;
+                    let layer =
+                        line_layer(writer.clone()).with_filter(access_only.and(stdout_shows.not()));
+                    (Some(writer), Some(layer), None, Some(file))
+                }
                 AccessLogFormat::Json => (
+                    None,
                     None,
                     Some(json_layer(writer).with_filter(access_only)),
                     Some(file),
                 ),
             }
         }
-        None => (None, None, None),
+        None => (None, None, None, None),
     };
+    let stdout_layer = line_layer(Tee { stdout, access }).with_filter(parse()?);
     tracing_subscriber::registry()
         .with(stdout_layer)
         .with(kv_file)
@@ -117,9 +133,10 @@ pub fn init(
     })
 }
 
-fn line_layer<S>(writer: NonBlocking) -> impl Layer<S>
+fn line_layer<S, W>(writer: W) -> impl Layer<S>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
     tfmt::layer()
         .event_format(LineFormat)
@@ -127,14 +144,58 @@ where
         .with_writer(writer)
 }
 
-fn json_layer<S>(writer: NonBlocking) -> impl Layer<S>
+fn json_layer<S, W>(writer: W) -> impl Layer<S>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
     tfmt::layer()
         .event_format(JsonFormat)
         .with_ansi(false)
         .with_writer(writer)
+}
+
+/// Stdout, plus the access log file for lines on the [`ACCESS`] target.
+struct Tee {
+    stdout: batch::BatchWriter,
+    access: Option<batch::BatchWriter>,
+}
+
+struct TeeWriter<'a> {
+    stdout: &'a batch::BatchWriter,
+    access: Option<&'a batch::BatchWriter>,
+}
+
+impl<'a> MakeWriter<'a> for Tee {
+    type Writer = TeeWriter<'a>;
+
+    fn make_writer(&'a self) -> TeeWriter<'a> {
+        TeeWriter {
+            stdout: &self.stdout,
+            access: None,
+        }
+    }
+
+    fn make_writer_for(&'a self, meta: &Metadata<'_>) -> TeeWriter<'a> {
+        TeeWriter {
+            stdout: &self.stdout,
+            access: self.access.as_ref().filter(|_| meta.target() == ACCESS),
+        }
+    }
+}
+
+impl Write for TeeWriter<'_> {
+    fn write(&mut self, line: &[u8]) -> io::Result<usize> {
+        self.stdout.append(line);
+        if let Some(access) = self.access {
+            access.append(line);
+        }
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// `2026-11-21T11:42:00.123456Z  INFO REQUEST client_ip=… host=…`

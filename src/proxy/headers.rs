@@ -108,15 +108,29 @@ pub fn set_forwarding(
         &X_FORWARDED_PROTO,
         HeaderValue::from_static(if https { "https" } else { "http" }),
     );
-    if let Ok(value) = HeaderValue::from_str(host) {
+    // The Host header usually holds `host` already: sharing its bytes saves
+    // a copy per request.
+    let host_value = match headers.get(header::HOST) {
+        Some(value) if value.as_bytes() == host.as_bytes() => Some(value.clone()),
+        _ => HeaderValue::from_str(host).ok(),
+    };
+    if let Some(value) = host_value {
         headers.insert(&X_FORWARDED_HOST, value);
     }
     headers.insert(&X_REAL_IP, ip_value(client));
 }
 
 fn ip_value(ip: IpAddr) -> HeaderValue {
-    // An address formats as ASCII digits, dots and colons only.
-    HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static("unknown"))
+    // Formatted on the stack: the longest IPv6 text is 45 bytes, and an
+    // address formats as ASCII digits, dots and colons only.
+    let mut buf = [0u8; 45];
+    let mut rest = &mut buf[..];
+    if std::io::Write::write_fmt(&mut rest, format_args!("{ip}")).is_err() {
+        return HeaderValue::from_static("unknown");
+    }
+    let unused = rest.len();
+    let len = buf.len() - unused;
+    HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static("unknown"))
 }
 
 #[cfg(test)]
@@ -180,5 +194,19 @@ mod tests {
         assert_eq!(h[&X_FORWARDED_PROTO], "https");
         assert_eq!(h[&X_FORWARDED_HOST], "a.test");
         assert_eq!(h[&X_REAL_IP], "127.0.0.1");
+    }
+
+    #[test]
+    fn forwarding_values_for_ipv6_and_host() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("a.test:8443"));
+        let peer: IpAddr = "2001:db8::1".parse().expect("ip");
+        let widest: IpAddr = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"
+            .parse()
+            .expect("ip");
+        set_forwarding(&mut h, peer, widest, false, "a.test:8443");
+        assert_eq!(h[&X_FORWARDED_FOR], "2001:db8::1");
+        assert_eq!(h[&X_FORWARDED_HOST], "a.test:8443");
+        assert_eq!(h[&X_REAL_IP], widest.to_string().as_str());
     }
 }
