@@ -552,3 +552,70 @@ async fn reload_reads_certificate_files_again() {
     assert_eq!(reply.text(), "a HTTP/1.1");
     running.shutdown().await;
 }
+
+/// A configuration reload (what SIGHUP runs) reads the certificate files
+/// again together with the rest of the file, and a broken certificate
+/// rejects the whole reload: neither the new sites nor the new files apply.
+#[tokio::test]
+async fn config_reload_applies_certificates_and_sites_together() {
+    use reverse_proxy::config::Config;
+    use reverse_proxy::daemon::Running;
+    use reverse_proxy::lifecycle::reload;
+
+    let ca = TestCa::new("config reload CA");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = write_cert(dir.path(), "a", &ca.issue(&["a.test", "b.test"], 60));
+    let (a, b) = (upstream("a").await, upstream("b").await);
+    let one_site = manual_config(
+        &[(&["a.test", "b.test"], &files)],
+        &[("a.test", a.url())],
+        "",
+    );
+    let two_sites = manual_config(
+        &[(&["a.test", "b.test"], &files)],
+        &[("a.test", a.url()), ("b.test", b.url())],
+        "",
+    );
+    let path = write_file(dir.path(), "config.toml", &one_site);
+    let running = Running::start(Config::parse(&one_site).expect("config"))
+        .await
+        .expect("start");
+    let resolver = running.manual_certificates().expect("manual mode");
+    let not_after = |running: &Running| running.certificates().current()[0].not_after_unix;
+    let first = not_after(&running);
+
+    // Broken key plus a new site: refused as a whole.
+    std::fs::write(&path, &two_sites).expect("write");
+    std::fs::write(&files.key, "broken").expect("write");
+    let err = reload::reload(
+        running.state(),
+        &path,
+        running.static_config(),
+        Some(resolver),
+    )
+    .await
+    .expect_err("a broken key rejects the reload");
+    assert!(err.to_string().contains("server.tls.certs[0].key"), "{err}");
+    assert_eq!(running.state().snapshot().config.sites.len(), 1);
+    assert_eq!(not_after(&running), first);
+
+    // Renewed files plus the new site: both apply.
+    let renewed = ca.issue(&["a.test", "b.test"], 90);
+    std::fs::write(&files.cert, &renewed.cert_pem).expect("write");
+    std::fs::write(&files.key, &renewed.key_pem).expect("write");
+    let sites = reload::reload(
+        running.state(),
+        &path,
+        running.static_config(),
+        Some(resolver),
+    )
+    .await
+    .expect("reload");
+    assert_eq!(sites, 2);
+    assert!(not_after(&running) - first >= 29 * 86_400);
+    let roots = tls::roots(&ca.pem());
+    let client = tls::default_client(&roots, &["http/1.1"]);
+    let (_, reply) = tls::https_get(running.local_addr(), "b.test", client, "/").await;
+    assert_eq!(reply.text(), "b HTTP/1.1");
+    running.shutdown().await;
+}
