@@ -4,8 +4,7 @@
 
 mod common;
 
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use common::{ProxyProcess, Upstream, config, free_port, get, raw};
@@ -51,24 +50,6 @@ async fn h2_get(addr: std::net::SocketAddr, uri: &str) -> StatusCode {
     status
 }
 
-/// Waits until the file has at least `n` lines (the writer is asynchronous).
-fn wait_for_lines(path: &Path, n: usize) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        let lines: Vec<String> = text.lines().map(str::to_owned).collect();
-        if lines.len() >= n {
-            return lines;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {n} lines:\n{text}",
-            lines.len()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn json_config(site: &str, down: &str) -> String {
     config(
         &[("a.test", site), ("b.test", down)],
@@ -109,7 +90,7 @@ async fn json_lines_parse_and_carry_every_field() {
     );
 
     // Five REQUEST lines and one UPSTREAM_ERROR.
-    let lines = wait_for_lines(&log, 6);
+    let lines = common::wait_for_file_lines(&log, 6);
     assert_eq!(lines.len(), 6, "{lines:#?}");
     let objects: Vec<serde_json::Map<String, Value>> = lines
         .iter()
@@ -237,7 +218,7 @@ async fn kv_request_line_keeps_the_spec_fields_first_and_in_order() {
     .await;
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     let body_len = reply.split("\r\n\r\n").nth(1).map_or(0, str::len);
-    let lines = wait_for_lines(&proxy.dir.path().join("access.log"), 1);
+    let lines = common::wait_for_file_lines(&proxy.dir.path().join("access.log"), 1);
     let line = &lines[0];
     assert!(
         line.contains(
@@ -270,7 +251,7 @@ async fn bytes_sent_is_what_a_streamed_body_delivered() {
     let proxy = ProxyProcess::start(&json_config(&chunks.url(), "http://127.0.0.1:1"));
     let reply = get(proxy.addr, "a.test", "/stream").await;
     assert_eq!(reply.body.len(), 50_000);
-    let lines = wait_for_lines(&proxy.dir.path().join("access.log"), 1);
+    let lines = common::wait_for_file_lines(&proxy.dir.path().join("access.log"), 1);
     let line: Value = serde_json::from_str(&lines[0]).expect("json");
     assert_eq!(line["bytes_sent"], 50_000);
 }

@@ -405,25 +405,6 @@ async fn idle_clients_are_evicted_by_the_background_task() {
     proxy.shutdown().await;
 }
 
-/// Waits until the file at `path` has at least `n` lines, and returns them.
-fn wait_for_file_lines(path: &Path, n: usize) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        let lines: Vec<String> = text.lines().map(str::to_owned).collect();
-        if lines.len() >= n {
-            return lines;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} has {} of {n} lines after 10 s:\n{text}",
-            path.display(),
-            lines.len()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn is_rate_limit(line: &str) -> bool {
     line.contains("  WARN RATE_LIMIT ")
 }
@@ -533,11 +514,11 @@ async fn log_injection_yields_one_line_with_the_real_client() {
     let response = read_until_close(&mut stream, Duration::from_secs(10)).await;
     assert_eq!(status_of(&response), Some(429), "{response}");
 
-    let lines = wait_for_file_lines(&log, 3);
+    let lines = common::wait_for_file_lines(&log, 3);
     // Give a forged extra line the chance to show up before counting.
     proxy.wait_for_count(is_rate_limit, 1, Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(200));
-    let lines_now = wait_for_file_lines(&log, 3);
+    let lines_now = common::wait_for_file_lines(&log, 3);
     assert_eq!(lines_now, lines);
     assert_eq!(lines.len(), 3, "{lines:#?}");
     let refused: Vec<&String> = lines.iter().filter(|l| is_rate_limit(l)).collect();
@@ -585,7 +566,7 @@ async fn fail2ban_regex_matches_exactly_the_limited_clients() {
         limited.insert(client.to_owned());
     }
     let total = 3 + 3 * 6;
-    let lines = wait_for_file_lines(&log, total);
+    let lines = common::wait_for_file_lines(&log, total);
     assert_eq!(lines.len(), total, "{lines:#?}");
     let refusals: Vec<&String> = lines.iter().filter(|l| is_rate_limit(l)).collect();
     assert_eq!(refusals.len(), expected_refusals, "{lines:#?}");

@@ -381,7 +381,12 @@ pub async fn send(client: &Client<HttpConnector, Body>, req: http::Request<Body>
         .await
         .expect("response within 30 s")
         .expect("response");
-    let (parts, body) = resp.into_parts();
+    collect_reply(resp).await
+}
+
+/// Reads a whole response (status, headers, body) within 30 s.
+pub async fn collect_reply(response: http::Response<hyper::body::Incoming>) -> Reply {
+    let (parts, body) = response.into_parts();
     let body = tokio::time::timeout(Duration::from_secs(30), body.collect())
         .await
         .expect("body within 30 s")
@@ -391,6 +396,26 @@ pub async fn send(client: &Client<HttpConnector, Body>, req: http::Request<Body>
         status: parts.status,
         headers: parts.headers,
         body,
+    }
+}
+
+/// Waits until the file at `path` has at least `n` lines (log writers are
+/// asynchronous), and returns them; panics after 10 s.
+pub fn wait_for_file_lines(path: &Path, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        if lines.len() >= n {
+            return lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} has {} of {n} lines after 10 s:\n{text}",
+            path.display(),
+            lines.len()
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use axum::body::Body;
 use http::Version;
-use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::pem::PemObject;
@@ -178,20 +177,7 @@ pub async fn get(stream: TlsStream<TcpStream>, host: &str, path: &str) -> (Versi
     };
     let response = response.expect("response");
     let version = response.version();
-    let (parts, body) = response.into_parts();
-    let body = tokio::time::timeout(Duration::from_secs(10), body.collect())
-        .await
-        .expect("body in time")
-        .expect("body")
-        .to_bytes();
-    (
-        version,
-        Reply {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        },
-    )
+    (version, super::collect_reply(response).await)
 }
 
 /// GETs each `(host, path)` in turn on one established TLS stream
@@ -210,7 +196,8 @@ pub async fn get_each(stream: TlsStream<TcpStream>, requests: &[(&str, &str)]) -
             let req = http::Request::get(format!("https://{host}{path}"))
                 .body(Body::empty())
                 .expect("request");
-            replies.push(collect(send.send_request(req).await.expect("response")).await);
+            replies
+                .push(super::collect_reply(send.send_request(req).await.expect("response")).await);
         }
     } else {
         let (mut send, conn) = hyper::client::conn::http1::handshake(io)
@@ -222,24 +209,11 @@ pub async fn get_each(stream: TlsStream<TcpStream>, requests: &[(&str, &str)]) -
                 .header(http::header::HOST, *host)
                 .body(Body::empty())
                 .expect("request");
-            replies.push(collect(send.send_request(req).await.expect("response")).await);
+            replies
+                .push(super::collect_reply(send.send_request(req).await.expect("response")).await);
         }
     }
     replies
-}
-
-async fn collect(response: http::Response<hyper::body::Incoming>) -> Reply {
-    let (parts, body) = response.into_parts();
-    let body = tokio::time::timeout(Duration::from_secs(10), body.collect())
-        .await
-        .expect("body in time")
-        .expect("body")
-        .to_bytes();
-    Reply {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    }
 }
 
 /// The first flight a real client sends: a complete ClientHello record,
