@@ -619,3 +619,53 @@ async fn config_reload_applies_certificates_and_sites_together() {
     assert_eq!(reply.text(), "b HTTP/1.1");
     running.shutdown().await;
 }
+
+/// What the TLS layer knows reaches `/metrics` through the real binary:
+/// each served certificate's notAfter, and handshakes by outcome.
+#[tokio::test]
+async fn certificate_expiry_and_handshakes_reach_the_metrics() {
+    let ca = TestCa::new("metrics CA");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let issued = ca.issue(&["a.test"], 45);
+    let files = write_cert(dir.path(), "a", &issued);
+    let a = upstream("a").await;
+    let config = manual_config(&[(&["a.test"], &files)], &[("a.test", a.url())], "")
+        + "[admin]\nbind_addr = \"127.0.0.1:0\"\n";
+    let mut proxy = ProxyProcess::start(&config);
+    let admin = proxy.admin_addr();
+    let roots = tls::roots(&ca.pem());
+    let client = tls::default_client(&roots, &["http/1.1"]);
+    let (_, reply) = tls::https_get(proxy.addr, "a.test", client.clone(), "/").await;
+    assert_eq!(reply.text(), "a HTTP/1.1");
+    assert!(
+        tls::connect(proxy.addr, "unknown.test", client)
+            .await
+            .is_err()
+    );
+
+    let expected = reverse_proxy::tls::certs::Leaf::from_pem(issued.cert_pem.as_bytes())
+        .expect("leaf")
+        .not_after_unix;
+    let samples = common::samples(&common::scrape(admin).await);
+    let not_after = samples
+        .iter()
+        .find(|(series, _)| {
+            series.starts_with("reverse_proxy_certificate_not_after_timestamp_seconds{")
+        })
+        .map(|(series, value)| (series.clone(), *value));
+    let (series, value) = not_after.expect("certificate series");
+    assert!(series.contains("a.test"), "{series}");
+    #[allow(clippy::cast_precision_loss)]
+    let expected = expected as f64;
+    assert!((value - expected).abs() < 0.5, "{value} != {expected}");
+    let handshakes = |result: &str| {
+        samples
+            .get(&format!(
+                "reverse_proxy_tls_handshakes_total{{result=\"{result}\"}}"
+            ))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    assert!(handshakes("success") >= 1.0, "{samples:?}");
+    assert!(handshakes("failure") >= 1.0, "{samples:?}");
+}
