@@ -23,6 +23,7 @@ use http::{StatusCode, header};
 use tokio::net::TcpStream;
 
 use crate::metrics::{self, Metrics};
+use crate::proxy::plain;
 use crate::server::Server;
 use crate::state::{AppState, Snapshot};
 use crate::tls::Certificates;
@@ -96,12 +97,7 @@ async fn ready(State(admin): State<Admin>) -> Response {
             format!("not ready\n{failures}"),
         )
     };
-    (
-        status,
-        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        body,
-    )
-        .into_response()
+    plain(status, &body)
 }
 
 struct Probe {

@@ -18,6 +18,7 @@ use crate::client_ip::client_ip;
 use crate::conn_info::ConnInfo;
 use crate::logging::ACCESS;
 use crate::proxy::host::request_host;
+use crate::proxy::plain;
 use crate::state::AppState;
 
 #[derive(Clone)]
@@ -49,11 +50,11 @@ async fn redirect(State(r): State<Redirect>, req: Request) -> Response {
     let (host, response) = match request_host(&req) {
         Err(e) => (
             None,
-            text(StatusCode::BAD_REQUEST, &format!("bad request: {e}\n")),
+            plain(StatusCode::BAD_REQUEST, &format!("bad request: {e}\n")),
         ),
         Ok(host) if snapshot.config.site(&host.name).is_none() => (
             Some(host.name),
-            text(
+            plain(
                 StatusCode::MISDIRECTED_REQUEST,
                 "misdirected request: no site is configured for this host\n",
             ),
@@ -67,7 +68,7 @@ async fn redirect(State(r): State<Redirect>, req: Request) -> Response {
                     format!("moved to {target}\n"),
                 )
                     .into_response(),
-                Err(_) => text(StatusCode::BAD_REQUEST, "bad request: request target\n"),
+                Err(_) => plain(StatusCode::BAD_REQUEST, "bad request: request target\n"),
             };
             (Some(host.name), response)
         }
@@ -94,15 +95,6 @@ pub fn location(host: &str, https_port: u16, path_and_query: Option<&PathAndQuer
     } else {
         format!("https://{host}:{https_port}{path}")
     }
-}
-
-fn text(status: StatusCode, body: &str) -> Response {
-    (
-        status,
-        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        body.to_owned(),
-    )
-        .into_response()
 }
 
 #[cfg(test)]

@@ -278,7 +278,8 @@ fn describe(error: &hyper_util::client::legacy::Error) -> String {
     }
 }
 
-fn plain(status: StatusCode, body: &str) -> Response {
+/// A short plain-text response, for answers the proxy makes itself.
+pub(crate) fn plain(status: StatusCode, body: &str) -> Response {
     (
         status,
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
