@@ -4,7 +4,8 @@
 //! The path of a request, and the module that handles each step:
 //!
 //! - [`server`]: accept (connection limit, accept back-off), HTTP/1.1 and
-//!   HTTP/2 via hyper-util, timeouts, idle close, graceful drain.
+//!   HTTP/2 via hyper-util, ambiguous HTTP/1 framing refused before hyper
+//!   parses it, timeouts, idle close, graceful drain.
 //! - [`tls`]: the TLS handshake on the main listener, certificates from
 //!   ACME or from files chosen by SNI.
 //! - [`router`]: the request pipeline: `/health`, then the proxy.

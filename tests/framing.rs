@@ -84,27 +84,13 @@ async fn malformed_or_conflicting_content_length_is_refused() {
         Vec::<String>::new(),
         "reached the upstream"
     );
-
-    // Identical duplicates are not ambiguous (RFC 9110 §8.6): merged into one.
-    let out = attempt(
-        &proxy,
-        &format!("{post}Content-Length: 5\r\nContent-Length: 5\r\nConnection: close\r\n"),
-        "hello",
-    )
-    .await;
-    assert_eq!(status_of(&out.text), Some(200), "{}", out.text);
-    let seen = recorder.seen();
-    assert_eq!(seen.len(), 1, "{seen:?}");
-    assert_eq!(seen[0].body.as_deref(), Some(&b"hello"[..]));
 }
 
 #[tokio::test]
-async fn content_length_with_transfer_encoding_is_never_smuggled() {
-    // hyper follows RFC 9112 §6.1 here: Transfer-Encoding wins, the
-    // Content-Length is dropped, and the connection is closed after the
-    // response. Whatever follows on the connection is never read.
+async fn content_length_with_transfer_encoding_is_refused() {
     let recorder = Recorder::start().await;
-    let proxy = start(&recorder);
+    let mut proxy = start(&recorder);
+    let post = "POST /upload HTTP/1.1\r\nHost: a.test\r\n";
     for (name, fields) in [
         (
             "CL first",
@@ -114,26 +100,131 @@ async fn content_length_with_transfer_encoding_is_never_smuggled() {
             "TE first",
             "Transfer-Encoding: chunked\r\nContent-Length: 4\r\n",
         ),
+        (
+            "other spelling",
+            "transfer-encoding: CHUNKED\r\ncontent-length: 4\r\n",
+        ),
+        (
+            "codings list",
+            "Content-Length: 4\r\nTransfer-Encoding: gzip, chunked\r\n",
+        ),
+        (
+            "zero length",
+            "Content-Length: 0\r\nTransfer-Encoding: chunked\r\n",
+        ),
     ] {
-        let out = attempt(
+        assert_refused(
             &proxy,
-            &format!("POST /upload HTTP/1.1\r\nHost: a.test\r\n{fields}"),
+            name,
+            &format!("{post}{fields}"),
             "5\r\nhello\r\n0\r\n\r\n",
+            400,
         )
         .await;
-        assert_eq!(status_of(&out.text), Some(200), "{name}: {}", out.text);
-        assert_eq!(out.text.matches("HTTP/1.1 ").count(), 1, "{name}");
-        assert!(out.closed, "{name}: connection left open");
-        assert!(out.elapsed < BOUND, "{name}: took {:?}", out.elapsed);
     }
+    // Two equal lengths are not ambiguous by RFC 9110 §8.6, but nginx
+    // refuses them too: an upstream that took the first of two differing
+    // values is how such pairs get exploited.
+    assert_refused(
+        &proxy,
+        "repeated",
+        &format!("{post}Content-Length: 5\r\nContent-Length: 5\r\n"),
+        "hello",
+        400,
+    )
+    .await;
     health(proxy.addr, BOUND).await;
+    assert_eq!(
+        recorder.paths(),
+        Vec::<String>::new(),
+        "reached the upstream"
+    );
+    let line = proxy.wait_for_line(
+        |l| l.contains("FRAMING_REFUSED") && l.contains("repeated content-length"),
+        BOUND,
+    );
+    assert!(line.contains("client_ip=127.0.0.1"), "{line}");
+    let refused = proxy
+        .lines()
+        .iter()
+        .filter(|l| l.contains("FRAMING_REFUSED"))
+        .count();
+    assert_eq!(refused, 6, "one line per refused request");
+}
+
+#[tokio::test]
+async fn pipelined_requests_before_a_refused_one_are_answered() {
+    let recorder = Recorder::start().await;
+    let proxy = start(&recorder);
+    // A body that looks like a conflicting head must stay a body: only
+    // heads are inspected.
+    let lookalike = "GET /x HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let first = format!(
+        "POST /one HTTP/1.1\r\nHost: a.test\r\nContent-Length: {}\r\n\r\n{lookalike}",
+        lookalike.len()
+    );
+    let second = "POST /two HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n\
+                  3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nX-Trailer: t\r\n\r\n";
+    let third = "POST /three HTTP/1.1\r\nHost: a.test\r\n\
+                 Content-Length: 4\r\nTransfer-Encoding: chunked\r\n";
+    let out = attempt(
+        &proxy,
+        &format!("{first}{second}{third}"),
+        "5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    let statuses: Vec<&str> = out
+        .text
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &out.text[i + 9..i + 12])
+        .collect();
+    assert_eq!(statuses, ["200", "200", "400"], "{}", out.text);
+    assert!(out.closed, "connection left open");
     let seen = recorder.seen();
-    assert_eq!(seen.len(), 2, "{seen:?}");
-    for s in seen {
-        // The upstream got the chunked body, re-framed, nothing else.
-        assert_eq!(s.path, "/upload");
-        assert_eq!(s.body.as_deref(), Some(&b"hello"[..]));
+    let got: Vec<(&str, Option<&[u8]>)> = seen
+        .iter()
+        .map(|s| (s.path.as_str(), s.body.as_deref()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("/one", Some(lookalike.as_bytes())),
+            ("/two", Some(&b"abcde"[..]))
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_conflicting_head_sent_in_pieces_is_refused() {
+    let recorder = Recorder::start().await;
+    let proxy = start(&recorder);
+    let request = format!(
+        "POST /upload HTTP/1.1\r\nHost: a.test\r\nContent-Length: 4\r\n\
+         Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n{SMUGGLED}"
+    );
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    stream.set_nodelay(true).expect("nodelay");
+    for piece in request.as_bytes().chunks(7) {
+        if stream.write_all(piece).await.is_err() {
+            break;
+        }
+        // Let each piece leave as its own segment.
+        tokio::task::yield_now().await;
     }
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out))
+        .await
+        .expect("closed in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&out);
+    assert_eq!(status_of(&text), Some(400), "{text}");
+    assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{text}");
+    health(proxy.addr, BOUND).await;
+    assert_eq!(
+        recorder.paths(),
+        Vec::<String>::new(),
+        "reached the upstream"
+    );
 }
 
 #[tokio::test]

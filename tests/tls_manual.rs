@@ -288,15 +288,11 @@ async fn sni_of_one_site_with_host_of_another_is_misdirected() {
     let mut stream = tls::connect(s.proxy.addr, "a.test", client)
         .await
         .expect("handshake a.test");
-    stream
-        .write_all(b"GET https://x.b.test/ HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("write");
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
-        .await
-        .expect("answered in time");
-    let answer = String::from_utf8_lossy(&answer);
+    let answer = exchange(
+        &mut stream,
+        b"GET https://x.b.test/ HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     assert!(answer.starts_with("HTTP/1.1 421 "), "{answer}");
 
     assert_eq!(s.b.hits(), 1, "only the request made under b's own SNI");
@@ -306,6 +302,39 @@ async fn sni_of_one_site_with_host_of_another_is_misdirected() {
         Duration::from_secs(5),
     );
     assert!(line.contains("upstream=- "), "{line}");
+}
+
+#[tokio::test]
+async fn conflicting_framing_over_tls_is_refused() {
+    let s = two_sites("").await;
+    let client = tls::default_client(&tls::roots(&s.ca.pem()), &["http/1.1"]);
+    let mut stream = tls::connect(s.proxy.addr, "a.test", client)
+        .await
+        .expect("handshake a.test");
+    let answer = exchange(
+        &mut stream,
+        b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 4\r\n\
+          Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n\
+          GET /smuggled HTTP/1.1\r\nHost: a.test\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
+    assert_eq!(s.a.hits(), 0, "reached the upstream");
+}
+
+/// Writes `request` on an HTTP/1.1 TLS stream and reads until the proxy
+/// closes it (a close without `close_notify` still ends the answer).
+async fn exchange(
+    stream: &mut tokio_rustls::client::TlsStream<TcpStream>,
+    request: &[u8],
+) -> String {
+    stream.write_all(request).await.expect("write");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .expect("answered in time");
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
 #[tokio::test]

@@ -3,11 +3,55 @@
 //! The accept loop enforces `max_connections` (beyond it, connections wait
 //! in the kernel backlog), survives accept errors (resets are ignored,
 //! descriptor exhaustion backs off instead of spinning), and hands each
-//! connection to hyper-util's auto builder (HTTP/1.1 and HTTP/2). Shutdown
+//! connection to hyper-util's auto builder (HTTP/1.1 and HTTP/2) behind a
+//! check that refuses ambiguous HTTP/1 framing (`framing`). Shutdown
 //! happens in three steps: stop accepting, ask every connection to finish
 //! (`Connection: close` / GOAWAY), and close what is left at the deadline.
 
+/// `AsyncWrite` for a stream wrapper that only watches what is read: every
+/// write goes straight to its `inner` stream.
+macro_rules! write_through {
+    ($wrapper:ident) => {
+        impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for $wrapper<T> {
+            fn poll_write(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+            }
+
+            fn poll_write_vectored(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                bufs: &[std::io::IoSlice<'_>],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+            }
+
+            fn is_write_vectored(&self) -> bool {
+                self.inner.is_write_vectored()
+            }
+
+            fn poll_flush(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+            }
+
+            fn poll_shutdown(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+            }
+        }
+    };
+}
+
 mod activity;
+mod framing;
 pub mod listener;
 
 use std::convert::Infallible;
@@ -38,6 +82,7 @@ use crate::conn_info::ConnInfo;
 use crate::metrics::{Metrics, TlsHandshake};
 use crate::tls::{Tls, handshake};
 use activity::{Activity, TrackedBody, TrackedIo};
+use framing::FramingGuard;
 
 /// HTTP/2 streams one connection may have open at once (Envoy and the h2
 /// CVE advisories recommend at most 100–128).
@@ -64,6 +109,7 @@ struct Inner {
     router: Router,
     idle_timeout: Duration,
     body_read_timeout: Duration,
+    max_header_bytes: usize,
     connections: TaskTracker,
     limit: Arc<Semaphore>,
     /// Stop accepting; connections finish their current request.
@@ -139,6 +185,7 @@ impl Server {
                 router,
                 idle_timeout: settings.idle_timeout,
                 body_read_timeout: settings.body_read_timeout,
+                max_header_bytes: settings.max_header_bytes,
                 connections: TaskTracker::new(),
                 limit,
                 stop: CancellationToken::new(),
@@ -288,7 +335,8 @@ impl Server {
         let inner = &self.inner;
         let peer = info.peer;
         let activity = Activity::new(inner.metrics.as_ref().map(|m| m.connection_gauges()));
-        let io = TokioIo::new(TrackedIo::new(io, Arc::clone(&activity)));
+        let io = TrackedIo::new(io, Arc::clone(&activity));
+        let io = TokioIo::new(FramingGuard::new(io, inner.max_header_bytes, peer.ip()));
         let router = inner.router.clone();
         let requests = Arc::clone(&activity);
         let body_read_timeout = inner.body_read_timeout;
