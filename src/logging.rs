@@ -19,13 +19,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 mod batch;
+mod timestamp;
 
 use tracing::field::{Field, Visit};
-use tracing::{Event, Metadata, Subscriber};
+use tracing::{Event, Level, Metadata, Subscriber};
 use tracing_subscriber::filter::{EnvFilter, FilterExt, filter_fn};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
@@ -212,8 +212,14 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        SystemTime.format_time(&mut writer)?;
-        write!(writer, " {:>5} ", event.metadata().level().as_str())?;
+        timestamp::write_now(&mut writer)?;
+        writer.write_str(match *event.metadata().level() {
+            Level::ERROR => " ERROR ",
+            Level::WARN => "  WARN ",
+            Level::INFO => "  INFO ",
+            Level::DEBUG => " DEBUG ",
+            Level::TRACE => " TRACE ",
+        })?;
         let mut visitor = LineVisitor {
             writer: &mut writer,
             message_pass: true,
@@ -248,15 +254,37 @@ impl LineVisitor<'_, '_> {
         self.result = if is_message {
             write_escaped(self.writer, value, false)
         } else {
-            write!(self.writer, " {}=", field.name())
+            self.key(field)
                 .and_then(|()| write_escaped(self.writer, value, true))
         };
+    }
+
+    /// Writes ` key=`.
+    fn key(&mut self, field: &Field) -> fmt::Result {
+        self.writer.write_char(' ')?;
+        self.writer.write_str(field.name())?;
+        self.writer.write_char('=')
+    }
+
+    /// A number: never the message, never quoted.
+    fn number(&mut self, field: &Field, digits: &str) {
+        if self.result.is_ok() && !self.message_pass {
+            self.result = self.key(field).and_then(|()| self.writer.write_str(digits));
+        }
     }
 }
 
 impl Visit for LineVisitor<'_, '_> {
     fn record_str(&mut self, field: &Field, value: &str) {
         self.field(field, value);
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.number(field, itoa::Buffer::new().format(value));
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.number(field, itoa::Buffer::new().format(value));
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
@@ -275,6 +303,15 @@ impl Visit for LineVisitor<'_, '_> {
 /// Writes a value, quoting it when it holds anything that could be read as
 /// a separator. The message is never quoted but is escaped all the same.
 fn write_escaped(w: &mut impl fmt::Write, value: &str, quote_if_needed: bool) -> fmt::Result {
+    // Almost every value is printable ASCII without separators: one pass
+    // over the bytes settles that.
+    if !value.is_empty()
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b'"' | b'\\' | b'='))
+    {
+        return w.write_str(value);
+    }
     let needs_quotes = quote_if_needed
         && (value.is_empty()
             || value
@@ -284,11 +321,12 @@ fn write_escaped(w: &mut impl fmt::Write, value: &str, quote_if_needed: bool) ->
         .chars()
         .all(|c| !(c.is_control() || (needs_quotes && matches!(c, '"' | '\\'))));
     if plain {
-        return if needs_quotes {
-            write!(w, "\"{value}\"")
-        } else {
-            w.write_str(value)
-        };
+        if needs_quotes {
+            w.write_char('"')?;
+            w.write_str(value)?;
+            return w.write_char('"');
+        }
+        return w.write_str(value);
     }
     if needs_quotes {
         w.write_char('"')?;
@@ -328,7 +366,7 @@ where
         event: &Event<'_>,
     ) -> fmt::Result {
         writer.write_str("{\"ts\":\"")?;
-        SystemTime.format_time(&mut writer)?;
+        timestamp::write_now(&mut writer)?;
         write!(
             writer,
             "\",\"level\":\"{}\"",
@@ -389,11 +427,11 @@ impl Visit for JsonVisitor<'_, '_> {
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.field(field, |w| write!(w, "{value}"));
+        self.field(field, |w| w.write_str(itoa::Buffer::new().format(value)));
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.field(field, |w| write!(w, "{value}"));
+        self.field(field, |w| w.write_str(itoa::Buffer::new().format(value)));
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {

@@ -24,6 +24,7 @@ use http_body::{Body as _, Frame, SizeHint};
 use prometheus::IntCounter;
 use tracing::info;
 
+use crate::client_ip::IpText;
 use crate::conn_info::ConnInfo;
 use crate::logging::ACCESS;
 use crate::metrics::SiteMetrics;
@@ -184,9 +185,10 @@ impl<B> Drop for AccountedBody<B> {
         let user_agent = e.user_agent.as_ref().map_or(Cow::Borrowed("-"), |ua| {
             String::from_utf8_lossy(ua.as_bytes())
         });
+        let client_ip = IpText::new(e.client);
         info!(
             target: ACCESS,
-            client_ip = %e.client,
+            client_ip = client_ip.as_str(),
             host = line.host.as_str(),
             method = e.method.as_str(),
             path = e.uri.path(),

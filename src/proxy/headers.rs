@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-use crate::client_ip::X_FORWARDED_FOR;
+use crate::client_ip::{IpText, X_FORWARDED_FOR};
 
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -121,16 +121,7 @@ pub fn set_forwarding(
 }
 
 fn ip_value(ip: IpAddr) -> HeaderValue {
-    // Formatted on the stack: the longest IPv6 text is 45 bytes, and an
-    // address formats as ASCII digits, dots and colons only.
-    let mut buf = [0u8; 45];
-    let mut rest = &mut buf[..];
-    if std::io::Write::write_fmt(&mut rest, format_args!("{ip}")).is_err() {
-        return HeaderValue::from_static("unknown");
-    }
-    let unused = rest.len();
-    let len = buf.len() - unused;
-    HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static("unknown"))
+    HeaderValue::from_str(IpText::new(ip).as_str()).unwrap_or(HeaderValue::from_static("unknown"))
 }
 
 #[cfg(test)]
