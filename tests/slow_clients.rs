@@ -176,8 +176,6 @@ async fn slow_but_flowing_body_is_not_cut_off() {
 #[tokio::test]
 async fn idle_http1_connection_closes_at_idle_timeout() {
     let a = Upstream::echo("site-a").await;
-    // The header read timeout also covers the wait for a keep-alive
-    // connection's next request, so it must be the longer one here.
     let proxy = ProxyProcess::start(&config(
         &[("a.test", &a.url())],
         "idle_timeout_secs = 2\nheader_read_timeout_secs = 30",
@@ -200,11 +198,11 @@ async fn idle_http1_connection_closes_at_idle_timeout() {
 }
 
 #[tokio::test]
-async fn idle_http1_connection_closes_at_header_read_timeout_when_shorter() {
+async fn idle_http1_connection_outlives_a_shorter_header_read_timeout() {
     let a = Upstream::echo("site-a").await;
     let proxy = ProxyProcess::start(&config(
         &[("a.test", &a.url())],
-        "idle_timeout_secs = 30\nheader_read_timeout_secs = 2",
+        "idle_timeout_secs = 3\nheader_read_timeout_secs = 1",
         "",
     ));
     let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
@@ -213,13 +211,76 @@ async fn idle_http1_connection_closes_at_header_read_timeout_when_shorter() {
         .await
         .expect("write");
     let started = Instant::now();
-    let (out, closed) = read_to_close(&mut stream, Duration::from_secs(6)).await;
+    let (out, closed) = read_to_close(&mut stream, Duration::from_secs(8)).await;
     assert_eq!(status_of(&out), Some(200), "{out}");
     let after = closed.expect("idle connection left open") - started;
     assert!(
-        after >= Duration::from_millis(1800) && after < Duration::from_secs(4),
+        after >= Duration::from_millis(2800) && after < Duration::from_secs(5),
         "closed after {after:?}"
     );
+}
+
+#[tokio::test]
+async fn head_clock_starts_with_the_first_byte_of_a_later_head() {
+    let a = Upstream::echo("site-a").await;
+    let proxy = ProxyProcess::start(&config(
+        &[("a.test", &a.url())],
+        "idle_timeout_secs = 30\nheader_read_timeout_secs = 1",
+        "",
+    ));
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .expect("write");
+    let mut first = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&first).contains("site-a") {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("response in time")
+            .expect("read");
+        assert!(n > 0, "closed before the response");
+        first.extend_from_slice(&buf[..n]);
+    }
+    // Idle for longer than the head timeout: that is allowed.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: a.")
+        .await
+        .expect("connection still open after idling");
+    let started = Instant::now();
+    let (out, closed) = read_to_close(&mut stream, Duration::from_secs(6)).await;
+    let after = closed.expect("half a head left open") - started;
+    assert!(
+        after >= Duration::from_millis(800) && after < Duration::from_secs(3),
+        "closed after {after:?}: {out}"
+    );
+    assert_eq!(
+        a.hits(),
+        1,
+        "only the complete request reached the upstream"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_that_never_sends_a_head_is_closed_at_header_read_timeout() {
+    let a = Upstream::echo("site-a").await;
+    let proxy = ProxyProcess::start(&config(
+        &[("a.test", &a.url())],
+        "idle_timeout_secs = 30\nheader_read_timeout_secs = 1",
+        "",
+    ));
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    let started = Instant::now();
+    let (out, closed) = read_to_close(&mut stream, Duration::from_secs(6)).await;
+    let after = closed.expect("silent connection left open") - started;
+    assert!(
+        after >= Duration::from_millis(800) && after < Duration::from_secs(3),
+        "closed after {after:?}"
+    );
+    assert!(out.is_empty() || out.starts_with("HTTP/1.1 408"), "{out}");
+    health(proxy.addr, Duration::from_secs(1)).await;
 }
 
 #[tokio::test]

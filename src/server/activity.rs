@@ -131,6 +131,11 @@ impl Activity {
         Some(self.origin + last + idle)
     }
 
+    /// Whether a request on the connection is being answered.
+    pub fn answering(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) > 0
+    }
+
     pub fn start_request(self: &Arc<Self>) -> InFlight {
         if self.in_flight.fetch_add(1, Ordering::Relaxed) == 0 {
             self.enter_from(None, WRITING);

@@ -1,4 +1,6 @@
-//! Refusing ambiguous HTTP/1 request framing before hyper sees it.
+//! Where HTTP/1 request heads begin and end, below hyper: ambiguous
+//! framing is refused there, and a head gets `header_read_timeout_secs` to
+//! arrive.
 //!
 //! hyper settles a request that carries both `Content-Length` and
 //! `Transfer-Encoding` the way RFC 9112 §6.1 allows (the transfer coding
@@ -11,23 +13,35 @@
 //!
 //! The guard follows message boundaries in the bytes hyper reads (heads,
 //! fixed-length and chunked bodies) and parses each head with httparse, the
-//! parser hyper uses. Bytes pass through at once (hyper's header timeout
-//! keeps running as before); a head that arrives in pieces is copied aside
-//! until it is complete. The rest of a refused head is replaced by bytes no
-//! HTTP parser accepts: hyper answers every earlier pipelined request, then
-//! `400` for the refused one, then closes. Whatever the guard does not
-//! follow (upgrades, HTTP/2, input hyper rejects by itself) ends the
-//! inspection, and hyper's own checks apply from there.
+//! parser hyper uses. Bytes pass through at once; a head that arrives in
+//! pieces is copied aside until it is complete. The rest of a refused head
+//! is replaced by bytes no HTTP parser accepts: hyper answers every earlier
+//! pipelined request, then `400` for the refused one, then closes. Whatever
+//! the guard does not follow (upgrades, HTTP/2, input hyper rejects by
+//! itself) ends the inspection, and hyper's own checks apply from there.
+//!
+//! The head timeout lives here too, because hyper's own runs from the end
+//! of one response to the end of the next head: it would also close every
+//! idle keep-alive connection after `header_read_timeout_secs`, long before
+//! `idle_timeout_secs`. Here, as in nginx, the clock starts when the
+//! connection is ready for its first request, or when the first byte of a
+//! later head arrives; waiting between requests is the idle timeout's
+//! business. A head not complete in time ends the connection.
 
 use std::cmp::min;
 use std::io;
 use std::mem::{MaybeUninit, take};
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, ReadBuf};
-use tracing::info;
+use tokio::time::{Instant, Sleep};
+use tracing::{debug, info};
+
+use super::activity::Activity;
 
 use super::MAX_HEADERS;
 
@@ -51,6 +65,12 @@ pub struct FramingGuard<I> {
     parses: u32,
     max_head: usize,
     peer: IpAddr,
+    head_timeout: Duration,
+    /// Set while a head is awaited: the first one, or one that has begun.
+    head_deadline: Option<Instant>,
+    /// The timer for `head_deadline`, made when first needed.
+    timer: Option<Pin<Box<Sleep>>>,
+    activity: Arc<Activity>,
 }
 
 enum State {
@@ -118,8 +138,15 @@ enum Framing {
 
 impl<I> FramingGuard<I> {
     /// `max_head` is the largest head hyper accepts; a longer one is left to
-    /// hyper, which answers it with `431`.
-    pub fn new(inner: I, max_head: usize, peer: IpAddr) -> Self {
+    /// hyper, which answers it with `431`. `activity` tells whether a
+    /// response is still being written when a head is late.
+    pub fn new(
+        inner: I,
+        max_head: usize,
+        peer: IpAddr,
+        head_timeout: Duration,
+        activity: Arc<Activity>,
+    ) -> Self {
         Self {
             inner,
             state: State::Head,
@@ -127,7 +154,48 @@ impl<I> FramingGuard<I> {
             parses: 0,
             max_head,
             peer,
+            head_timeout,
+            head_deadline: Some(Instant::now() + head_timeout),
+            timer: None,
+            activity,
         }
+    }
+
+    /// Keeps the head clock in step with what `check` found: running while
+    /// a head is incomplete, stopped otherwise.
+    fn time_head(&mut self) {
+        let waiting = !self.partial.is_empty();
+        match (waiting, self.head_deadline) {
+            (true, None) => self.head_deadline = Some(Instant::now() + self.head_timeout),
+            (false, Some(_)) => self.head_deadline = None,
+            _ => {}
+        }
+    }
+
+    /// Whether the awaited head is late. A late head is forgiven while a
+    /// response is still being written (a pipelining client may send its
+    /// next head early and slowly): the clock then starts over.
+    fn head_late(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(deadline) = self.head_deadline else {
+            return false;
+        };
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
+        if timer.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        if self.activity.answering() {
+            let later = Instant::now() + self.head_timeout;
+            self.head_deadline = Some(later);
+            timer.as_mut().reset(later);
+            // Registers the waker for the new deadline.
+            return timer.as_mut().poll(cx).is_ready();
+        }
+        true
     }
 
     /// Walks `bytes` through the message framing, advancing the state.
@@ -257,9 +325,20 @@ impl<I: AsyncRead + Unpin> AsyncRead for FramingGuard<I> {
             State::Head | State::Fixed(_) | State::Chunked(_) => {}
         }
         let start = buf.filled().len();
-        std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Pending => {
+                if this.head_late(cx) {
+                    debug!(client_ip = %this.peer, "request head not complete in time; closing");
+                    return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
+                }
+                return Poll::Pending;
+            }
+            other => return other,
+        }
         if buf.filled().len() > start {
             this.check(buf, start);
+            this.time_head();
         }
         Poll::Ready(Ok(()))
     }
@@ -439,7 +518,13 @@ mod tests {
     /// pieces of `size` bytes and hyper reads at most `read` at a time.
     async fn through(input: &[u8], size: usize, read: usize) -> Vec<u8> {
         let pieces = input.chunks(size).map(<[u8]>::to_vec).collect();
-        let mut guard = FramingGuard::new(Pieces(pieces), 1024, Ipv4Addr::LOCALHOST.into());
+        let mut guard = FramingGuard::new(
+            Pieces(pieces),
+            1024,
+            Ipv4Addr::LOCALHOST.into(),
+            Duration::from_secs(10),
+            Activity::new(None),
+        );
         let mut out = Vec::new();
         let mut buf = vec![0; read];
         loop {

@@ -110,6 +110,7 @@ struct Inner {
     idle_timeout: Duration,
     body_read_timeout: Duration,
     max_header_bytes: usize,
+    header_read_timeout: Duration,
     connections: TaskTracker,
     limit: Arc<Semaphore>,
     /// Stop accepting; connections finish their current request.
@@ -153,7 +154,9 @@ impl Server {
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(settings.header_read_timeout)
+            // The head timeout is `framing`'s: hyper's would also cut idle
+            // keep-alive connections short.
+            .header_read_timeout(None)
             .keep_alive(true)
             .max_buf_size(settings.max_header_bytes)
             .max_headers(MAX_HEADERS);
@@ -186,6 +189,7 @@ impl Server {
                 idle_timeout: settings.idle_timeout,
                 body_read_timeout: settings.body_read_timeout,
                 max_header_bytes: settings.max_header_bytes,
+                header_read_timeout: settings.header_read_timeout,
                 connections: TaskTracker::new(),
                 limit,
                 stop: CancellationToken::new(),
@@ -336,7 +340,13 @@ impl Server {
         let peer = info.peer;
         let activity = Activity::new(inner.metrics.as_ref().map(|m| m.connection_gauges()));
         let io = TrackedIo::new(io, Arc::clone(&activity));
-        let io = TokioIo::new(FramingGuard::new(io, inner.max_header_bytes, peer.ip()));
+        let io = TokioIo::new(FramingGuard::new(
+            io,
+            inner.max_header_bytes,
+            peer.ip(),
+            inner.header_read_timeout,
+            Arc::clone(&activity),
+        ));
         let router = inner.router.clone();
         let requests = Arc::clone(&activity);
         let body_read_timeout = inner.body_read_timeout;
