@@ -10,12 +10,14 @@
 # with 16 connections. The proxy runs under `valgrind --tool=cachegrind`
 # twice, for N1 and N2 requests; the difference divided by N2 - N1 is the
 # cost of one request with start-up and shutdown cancelled out.
+# ACCESS_LOG=off measures without the access log file.
 # Needs valgrind and h2load (Debian: valgrind, nghttp2-client) and
 # `cargo build --release --example bench_upstream`.
 set -euo pipefail
 
 N1=${N1:-2000}
 N2=${N2:-10000}
+ACCESS_LOG=${ACCESS_LOG:-on}
 UPSTREAM_BIN=${UPSTREAM_BIN:-target/release/examples/bench_upstream}
 [ $# -ge 1 ] || { echo "usage: $0 BINARY [BINARY ...]" >&2; exit 2; }
 
@@ -54,7 +56,7 @@ count() {
 bind_addr = "127.0.0.1:$port"
 log_level = "warn"
 worker_threads = 1
-access_log = "$tmp/access.log"
+$([ "$ACCESS_LOG" = off ] || echo "access_log = \"$tmp/access.log\"")
 [server.tls]
 mode = "off"
 [rate_limit]
