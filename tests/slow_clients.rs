@@ -173,38 +173,11 @@ async fn slow_but_flowing_body_is_not_cut_off() {
     assert_eq!(seen[0].body.as_deref(), Some(&b"abcdefgh"[..]));
 }
 
-#[tokio::test]
-async fn idle_http1_connection_closes_at_idle_timeout() {
+/// Serves one request on a fresh connection with these `[server]`
+/// settings, then leaves it idle: how long until the proxy closes it.
+async fn idle_http1_close_after(server_extra: &str) -> Duration {
     let a = Upstream::echo("site-a").await;
-    let proxy = ProxyProcess::start(&config(
-        &[("a.test", &a.url())],
-        "idle_timeout_secs = 2\nheader_read_timeout_secs = 30",
-        "",
-    ));
-    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
-        .await
-        .expect("write");
-    let started = Instant::now();
-    let (out, closed) = read_to_close(&mut stream, Duration::from_secs(6)).await;
-    assert_eq!(status_of(&out), Some(200), "{out}");
-    let after = closed.expect("idle connection left open") - started;
-    assert!(
-        after >= Duration::from_millis(1800) && after < Duration::from_secs(4),
-        "closed after {after:?}"
-    );
-    health(proxy.addr, Duration::from_secs(1)).await;
-}
-
-#[tokio::test]
-async fn idle_http1_connection_outlives_a_shorter_header_read_timeout() {
-    let a = Upstream::echo("site-a").await;
-    let proxy = ProxyProcess::start(&config(
-        &[("a.test", &a.url())],
-        "idle_timeout_secs = 3\nheader_read_timeout_secs = 1",
-        "",
-    ));
+    let proxy = ProxyProcess::start(&config(&[("a.test", &a.url())], server_extra, ""));
     let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
     stream
         .write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
@@ -213,7 +186,23 @@ async fn idle_http1_connection_outlives_a_shorter_header_read_timeout() {
     let started = Instant::now();
     let (out, closed) = read_to_close(&mut stream, Duration::from_secs(8)).await;
     assert_eq!(status_of(&out), Some(200), "{out}");
-    let after = closed.expect("idle connection left open") - started;
+    health(proxy.addr, Duration::from_secs(1)).await;
+    closed.expect("idle connection left open") - started
+}
+
+#[tokio::test]
+async fn idle_http1_connection_closes_at_idle_timeout() {
+    let after =
+        idle_http1_close_after("idle_timeout_secs = 2\nheader_read_timeout_secs = 30").await;
+    assert!(
+        after >= Duration::from_millis(1800) && after < Duration::from_secs(4),
+        "closed after {after:?}"
+    );
+}
+
+#[tokio::test]
+async fn idle_http1_connection_outlives_a_shorter_header_read_timeout() {
+    let after = idle_http1_close_after("idle_timeout_secs = 3\nheader_read_timeout_secs = 1").await;
     assert!(
         after >= Duration::from_millis(2800) && after < Duration::from_secs(5),
         "closed after {after:?}"
