@@ -54,6 +54,16 @@ async fn assert_refused(proxy: &ProxyProcess, name: &str, head: &str, body: &str
     assert!(out.elapsed < BOUND, "{name}: took {:?}", out.elapsed);
 }
 
+/// `/health` still answers, and no request reached the upstream.
+async fn assert_nothing_forwarded(proxy: &ProxyProcess, recorder: &Recorder) {
+    health(proxy.addr, BOUND).await;
+    assert_eq!(
+        recorder.paths(),
+        Vec::<String>::new(),
+        "reached the upstream"
+    );
+}
+
 fn start(recorder: &Recorder) -> ProxyProcess {
     ProxyProcess::start(&config(&[("a.test", &recorder.url())], "", ""))
 }
@@ -78,12 +88,7 @@ async fn malformed_or_conflicting_content_length_is_refused() {
     ] {
         assert_refused(&proxy, name, &format!("{post}{fields}"), "hello", 400).await;
     }
-    health(proxy.addr, BOUND).await;
-    assert_eq!(
-        recorder.paths(),
-        Vec::<String>::new(),
-        "reached the upstream"
-    );
+    assert_nothing_forwarded(&proxy, &recorder).await;
 }
 
 #[tokio::test]
@@ -133,12 +138,7 @@ async fn content_length_with_transfer_encoding_is_refused() {
         400,
     )
     .await;
-    health(proxy.addr, BOUND).await;
-    assert_eq!(
-        recorder.paths(),
-        Vec::<String>::new(),
-        "reached the upstream"
-    );
+    assert_nothing_forwarded(&proxy, &recorder).await;
     let line = proxy.wait_for_line(
         |l| l.contains("FRAMING_REFUSED") && l.contains("repeated content-length"),
         BOUND,
@@ -219,12 +219,7 @@ async fn a_conflicting_head_sent_in_pieces_is_refused() {
     let text = String::from_utf8_lossy(&out);
     assert_eq!(status_of(&text), Some(400), "{text}");
     assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{text}");
-    health(proxy.addr, BOUND).await;
-    assert_eq!(
-        recorder.paths(),
-        Vec::<String>::new(),
-        "reached the upstream"
-    );
+    assert_nothing_forwarded(&proxy, &recorder).await;
 }
 
 #[tokio::test]
@@ -270,12 +265,7 @@ async fn unknown_transfer_codings_are_refused() {
         |l| l.contains(" REQUEST ") && l.contains("status=501"),
         BOUND,
     );
-    health(proxy.addr, BOUND).await;
-    assert_eq!(
-        recorder.paths(),
-        Vec::<String>::new(),
-        "reached the upstream"
-    );
+    assert_nothing_forwarded(&proxy, &recorder).await;
 }
 
 #[tokio::test]
@@ -303,12 +293,7 @@ async fn malformed_header_lines_are_refused() {
     ] {
         assert_refused(&proxy, name, &head, "", 400).await;
     }
-    health(proxy.addr, BOUND).await;
-    assert_eq!(
-        recorder.paths(),
-        Vec::<String>::new(),
-        "reached the upstream"
-    );
+    assert_nothing_forwarded(&proxy, &recorder).await;
 }
 
 #[tokio::test]
@@ -327,12 +312,7 @@ async fn oversized_heads_get_431() {
         many.push_str(&format!("X-H{i}: v\r\n"));
     }
     assert_refused(&proxy, "101 fields", &many, "", 431).await;
-    health(proxy.addr, BOUND).await;
-    assert_eq!(
-        recorder.paths(),
-        Vec::<String>::new(),
-        "reached the upstream"
-    );
+    assert_nothing_forwarded(&proxy, &recorder).await;
 
     // Within both limits is fine (the upstream, hyper too, allows 100
     // fields, including the four forwarding headers the proxy adds).
