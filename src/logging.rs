@@ -19,11 +19,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 mod batch;
+mod request_line;
 mod timestamp;
+
+pub use request_line::RequestLine;
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Metadata, Subscriber};
-use tracing_subscriber::filter::{EnvFilter, FilterExt, filter_fn};
+use tracing_subscriber::filter::{EnvFilter, LevelFilter, filter_fn};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
@@ -71,7 +74,8 @@ impl LogHandle {
 /// In `kv` format, an access line that stdout also shows is formatted once
 /// and written to both sinks by the stdout layer; the file layer formats
 /// only the access lines that stdout's filter leaves out (e.g. with
-/// `log_level = "warn"`).
+/// `log_level = "warn"`). `REQUEST` lines bypass the layers
+/// ([`RequestLine`]) and follow the same rules.
 pub fn init(
     level: &str,
     access_log: Option<&Path>,
@@ -92,6 +96,11 @@ pub fn init(
     let (stdout, stdout_guard) =
         batch::batch("log-stdout", io::stdout()).map_err(LoggingError::Thread)?;
     let mut guards = vec![stdout_guard];
+    let stdout_access = access_threshold(parse()?);
+    let mut request_sinks = request_line::Sinks {
+        stdout: (stdout_access >= Level::INFO).then(|| stdout.clone()),
+        file: None,
+    };
 
     let (access, kv_file, json_file, reopenable) = match access_log {
         Some(path) => {
@@ -102,20 +111,25 @@ pub fn init(
             let (writer, guard) =
                 batch::batch("log-access", file.clone()).map_err(LoggingError::Thread)?;
             guards.push(guard);
-            let access_only = filter_fn(|m| m.target() == ACCESS);
+            request_sinks.file = Some((writer.clone(), format));
+            // The level hint keeps `debug!` and `trace!` call sites
+            // everywhere disabled at no cost; without it they would all
+            // ask this filter on every call.
             match format {
                 AccessLogFormat::Kv => {
-                    let stdout_shows = parse()?;
-                    let layer =
-                        line_layer(writer.clone()).with_filter(access_only.and(stdout_shows.not()));
+                    let hidden_from_stdout = filter_fn(move |m| {
+                        m.target() == ACCESS && LevelFilter::from_level(*m.level()) > stdout_access
+                    })
+                    .with_max_level_hint(LevelFilter::INFO);
+                    let layer = line_layer(writer.clone()).with_filter(hidden_from_stdout);
                     (Some(writer), Some(layer), None, Some(file))
                 }
-                AccessLogFormat::Json => (
-                    None,
-                    None,
-                    Some(json_layer(writer).with_filter(access_only)),
-                    Some(file),
-                ),
+                AccessLogFormat::Json => {
+                    let access_only =
+                        filter_fn(|m| m.target() == ACCESS).with_max_level_hint(LevelFilter::INFO);
+                    let layer = json_layer(writer).with_filter(access_only);
+                    (None, None, Some(layer), Some(file))
+                }
             }
         }
         None => (None, None, None, None),
@@ -127,9 +141,27 @@ pub fn init(
         .with(json_file)
         .try_init()
         .map_err(|_| LoggingError::AlreadyInstalled)?;
+    request_line::install(request_sinks);
     Ok(LogHandle {
         access_log: reopenable,
         _guards: guards,
+    })
+}
+
+/// The most verbose level at which `filter` passes events on the
+/// [`ACCESS`] target, all of which are logged at `INFO` or `WARN`. They are
+/// not emitted inside spans, so `filter`'s verdict on them never changes.
+fn access_threshold(filter: EnvFilter) -> LevelFilter {
+    tracing::subscriber::with_default(tracing_subscriber::registry().with(filter), || {
+        if tracing::enabled!(target: ACCESS, Level::INFO) {
+            LevelFilter::INFO
+        } else if tracing::enabled!(target: ACCESS, Level::WARN) {
+            LevelFilter::WARN
+        } else if tracing::enabled!(target: ACCESS, Level::ERROR) {
+            LevelFilter::ERROR
+        } else {
+            LevelFilter::OFF
+        }
     })
 }
 
@@ -300,18 +332,52 @@ impl Visit for LineVisitor<'_, '_> {
     }
 }
 
+/// What a byte asks of a `key=value` value, as bits: [`SEPARATOR`] (quote
+/// it), [`QUOTED_ESCAPE`] (quote it and escape the byte), [`OTHER`] (a
+/// control or non-ASCII byte: take the careful path).
+const SEPARATOR: u8 = 1;
+const QUOTED_ESCAPE: u8 = 2;
+const OTHER: u8 = 4;
+static BYTE_CLASS: [u8; 256] = {
+    let mut table = [OTHER; 256];
+    let mut b = b'!';
+    while b <= b'~' {
+        table[b as usize] = 0;
+        b += 1;
+    }
+    table[b' ' as usize] = SEPARATOR;
+    table[b'=' as usize] = SEPARATOR;
+    table[b'"' as usize] = QUOTED_ESCAPE;
+    table[b'\\' as usize] = QUOTED_ESCAPE;
+    table
+};
+
 /// Writes a value, quoting it when it holds anything that could be read as
 /// a separator. The message is never quoted but is escaped all the same.
 fn write_escaped(w: &mut impl fmt::Write, value: &str, quote_if_needed: bool) -> fmt::Result {
-    // Almost every value is printable ASCII without separators: one pass
-    // over the bytes settles that.
-    if !value.is_empty()
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && !matches!(b, b'"' | b'\\' | b'='))
-    {
-        return w.write_str(value);
+    // Almost every value is printable ASCII: one pass over the bytes
+    // settles what it needs.
+    let class = value
+        .bytes()
+        .fold(0, |class, b| class | BYTE_CLASS[usize::from(b)]);
+    match class {
+        0 if !value.is_empty() => w.write_str(value),
+        c if c & OTHER == 0 && !quote_if_needed => w.write_str(value),
+        SEPARATOR if quote_if_needed => {
+            w.write_char('"')?;
+            w.write_str(value)?;
+            w.write_char('"')
+        }
+        _ => write_escaped_carefully(w, value, quote_if_needed),
     }
+}
+
+/// [`write_escaped`] for any value, char by char.
+fn write_escaped_carefully(
+    w: &mut impl fmt::Write,
+    value: &str,
+    quote_if_needed: bool,
+) -> fmt::Result {
     let needs_quotes = quote_if_needed
         && (value.is_empty()
             || value
@@ -581,7 +647,10 @@ fn open_append(path: &Path) -> io::Result<File> {
 
 #[cfg(test)]
 mod tests {
-    use super::{write_escaped, write_json_string};
+    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::filter::LevelFilter;
+
+    use super::{access_threshold, write_escaped, write_escaped_carefully, write_json_string};
 
     fn json(s: &str) -> String {
         let mut out = String::new();
@@ -608,6 +677,43 @@ mod tests {
     fn plain_values_are_bare() {
         assert_eq!(esc("/user/repo"), "/user/repo");
         assert_eq!(esc("2001:db8::1"), "2001:db8::1");
+    }
+
+    #[test]
+    fn access_threshold_follows_the_filter_for_the_access_target() {
+        for (filter, expected) in [
+            ("info", LevelFilter::INFO),
+            ("warn", LevelFilter::WARN),
+            ("debug", LevelFilter::INFO),
+            ("error", LevelFilter::ERROR),
+            ("warn,access=info", LevelFilter::INFO),
+            ("info,access=off", LevelFilter::OFF),
+            ("reverse_proxy=info", LevelFilter::OFF),
+        ] {
+            let parsed = EnvFilter::builder().parse(filter).expect("filter");
+            assert_eq!(access_threshold(parsed), expected, "{filter}");
+        }
+    }
+
+    /// The one-pass shortcut agrees with the char-by-char path on every
+    /// printable ASCII byte, alone and next to each separator.
+    #[test]
+    fn the_fast_path_writes_what_the_careful_path_writes() {
+        let mut values = vec![String::new(), "-".to_owned(), "é".to_owned()];
+        for b in b' '..=b'~' {
+            let c = char::from(b);
+            for other in ["", " ", "=", "\"", "\\", "\n", "\u{85}", "ü"] {
+                values.push(format!("a{c}{other}"));
+            }
+        }
+        for value in &values {
+            for quote in [true, false] {
+                let (mut fast, mut careful) = (String::new(), String::new());
+                write_escaped(&mut fast, value, quote).ok();
+                write_escaped_carefully(&mut careful, value, quote).ok();
+                assert_eq!(fast, careful, "{value:?} quote={quote}");
+            }
+        }
     }
 
     #[test]

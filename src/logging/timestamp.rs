@@ -32,15 +32,11 @@ fn write_at(w: &mut impl fmt::Write, secs: u64, micros: u32) -> fmt::Result {
         }
         w.write_str(prefix)
     })?;
-    let mut digits = *b"000000Z";
-    let mut rest = micros;
-    for digit in digits[..6].iter_mut().rev() {
-        // `rest % 10` is a single decimal digit.
-        *digit = b'0' + (rest % 10) as u8;
-        rest /= 10;
-    }
-    // Digits and `Z` only: always ASCII.
-    w.write_str(std::str::from_utf8(&digits).unwrap_or_default())
+    // One more than a million keeps the leading zeros: "1000007" for 7 µs.
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(micros.min(999_999) + 1_000_000);
+    w.write_str(&digits[1..])?;
+    w.write_char('Z')
 }
 
 fn format_prefix(out: &mut String, secs: u64) -> fmt::Result {

@@ -7,7 +7,6 @@
 //! response body is wrapped once; dropping it (finished, failed, or the
 //! client gone) is what writes the line.
 
-use std::borrow::Cow;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -22,11 +21,9 @@ use http::uri::Authority;
 use http::{HeaderValue, Method, StatusCode, Uri, Version, header};
 use http_body::{Body as _, Frame, SizeHint};
 use prometheus::IntCounter;
-use tracing::info;
 
-use crate::client_ip::IpText;
 use crate::conn_info::ConnInfo;
-use crate::logging::ACCESS;
+use crate::logging::RequestLine;
 use crate::metrics::SiteMetrics;
 use crate::state::Snapshot;
 
@@ -180,38 +177,24 @@ impl<B> Drop for AccountedBody<B> {
         if let Some(site) = &done.site {
             site.request_done(&done.method, done.status, elapsed);
         }
-        let Some(line) = done.line else { return };
+        let Some(line) = done.line.filter(|_| RequestLine::wanted()) else {
+            return;
+        };
         let e = &line.exchange;
-        let user_agent = e.user_agent.as_ref().map_or(Cow::Borrowed("-"), |ua| {
-            String::from_utf8_lossy(ua.as_bytes())
-        });
-        let client_ip = IpText::new(e.client);
-        info!(
-            target: ACCESS,
-            client_ip = client_ip.as_str(),
-            host = line.host.as_str(),
-            method = e.method.as_str(),
-            path = e.uri.path(),
-            status = done.status.as_u16(),
-            upstream = line.upstream.as_ref().map_or("-", Authority::as_str),
-            duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
-            bytes_sent = self.sent,
-            user_agent = user_agent.as_ref(),
-            tls_version = e.tls_version.unwrap_or("-"),
-            http_version = http_version(e.version),
-            "REQUEST"
-        );
-    }
-}
-
-fn http_version(version: Version) -> &'static str {
-    match version {
-        Version::HTTP_09 => "HTTP/0.9",
-        Version::HTTP_10 => "HTTP/1.0",
-        Version::HTTP_11 => "HTTP/1.1",
-        Version::HTTP_2 => "HTTP/2.0",
-        Version::HTTP_3 => "HTTP/3.0",
-        _ => "-",
+        RequestLine {
+            client_ip: e.client,
+            host: line.host.as_str(),
+            method: &e.method,
+            path: e.uri.path(),
+            status: done.status.as_u16(),
+            upstream: line.upstream.as_ref().map_or("-", Authority::as_str),
+            duration: elapsed,
+            bytes_sent: self.sent,
+            user_agent: e.user_agent.as_ref().map(HeaderValue::as_bytes),
+            tls_version: e.tls_version,
+            http_version: e.version,
+        }
+        .emit();
     }
 }
 

@@ -121,7 +121,8 @@ pub fn set_forwarding(
 }
 
 fn ip_value(ip: IpAddr) -> HeaderValue {
-    HeaderValue::from_str(IpText::new(ip).as_str()).unwrap_or(HeaderValue::from_static("unknown"))
+    HeaderValue::from_bytes(IpText::new(ip).as_bytes())
+        .unwrap_or(HeaderValue::from_static("unknown"))
 }
 
 #[cfg(test)]

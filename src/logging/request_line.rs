@@ -1,0 +1,367 @@
+//! The `REQUEST` access line, written straight into the log sinks.
+//!
+//! Every proxied request writes one, so it skips `tracing`: an event hands
+//! each field to its visitor through a dynamic call, twice (the tag comes
+//! first), which cost more than the rest of the line. Here the line is
+//! formatted from plain fields into a reused buffer, byte for byte as the
+//! tracing formatters in the parent module write it (a unit test holds the
+//! two together), and goes to the same batched writers, so its order among
+//! other log lines is kept.
+
+use std::cell::RefCell;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use http::{Method, Version};
+
+use super::batch::BatchWriter;
+use super::{BYTE_CLASS, SEPARATOR, timestamp, write_escaped_carefully, write_json_string};
+use crate::client_ip::IpText;
+use crate::config::AccessLogFormat;
+
+/// Where `REQUEST` lines go, settled once by [`super::init`].
+pub(super) struct Sinks {
+    /// Stdout, when its filter shows `access` lines at `INFO`.
+    pub stdout: Option<BatchWriter>,
+    /// The `access_log` file, if one is configured.
+    pub file: Option<(BatchWriter, AccessLogFormat)>,
+}
+
+static SINKS: OnceLock<Sinks> = OnceLock::new();
+
+/// Installs the sinks; only the first call has an effect, as only the
+/// first global subscriber can be installed.
+pub(super) fn install(sinks: Sinks) {
+    let _ = SINKS.set(sinks);
+}
+
+thread_local! {
+    static BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// One `REQUEST` line. Text that a client or the configuration controls is
+/// escaped as it is written; a missing value is `-`.
+pub struct RequestLine<'a> {
+    pub client_ip: IpAddr,
+    pub host: &'a str,
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub status: u16,
+    pub upstream: &'a str,
+    pub duration: Duration,
+    pub bytes_sent: u64,
+    /// The raw header, which need not be UTF-8.
+    pub user_agent: Option<&'a [u8]>,
+    pub tls_version: Option<&'static str>,
+    pub http_version: Version,
+}
+
+enum Value<'a> {
+    /// Bytes a client or the configuration chose: escaped as needed.
+    Text(&'a [u8]),
+    /// ASCII that never needs escaping, in either format: a method (a
+    /// token, as `http::Method` guarantees), an address, a version name.
+    Plain(&'a [u8]),
+    Number(u64),
+}
+
+impl RequestLine<'_> {
+    /// Whether any sink takes `REQUEST` lines, so that a caller can skip
+    /// gathering the fields of a line nobody reads.
+    pub fn wanted() -> bool {
+        SINKS
+            .get()
+            .is_some_and(|sinks| sinks.stdout.is_some() || sinks.file.is_some())
+    }
+
+    /// Writes the line to every sink that takes it; does nothing before
+    /// logging is installed (as a `tracing` event without a subscriber).
+    pub fn emit(&self) {
+        let Some(sinks) = SINKS.get() else { return };
+        BUF.with_borrow_mut(|buf| {
+            let kv_file = sinks
+                .file
+                .as_ref()
+                .filter(|(_, format)| *format == AccessLogFormat::Kv)
+                .map(|(writer, _)| writer);
+            if sinks.stdout.is_some() || kv_file.is_some() {
+                buf.clear();
+                if self.write_kv(buf).is_ok() {
+                    for sink in sinks.stdout.iter().chain(kv_file) {
+                        sink.append(buf);
+                    }
+                }
+            }
+            if let Some((file, AccessLogFormat::Json)) = &sinks.file {
+                buf.clear();
+                if self.write_json(buf).is_ok() {
+                    file.append(buf);
+                }
+            }
+        });
+    }
+
+    /// The values in [`KV_KEYS`]' order; `ip` holds the address text.
+    fn values<'v>(&'v self, ip: &'v IpText) -> [Value<'v>; 11] {
+        [
+            Value::Plain(ip.as_bytes()),
+            Value::Text(self.host.as_bytes()),
+            Value::Plain(self.method.as_str().as_bytes()),
+            Value::Text(self.path.as_bytes()),
+            Value::Number(u64::from(self.status)),
+            Value::Text(self.upstream.as_bytes()),
+            Value::Number(u64::try_from(self.duration.as_millis()).unwrap_or(u64::MAX)),
+            Value::Number(self.bytes_sent),
+            Value::Text(self.user_agent.unwrap_or(b"-")),
+            Value::Plain(self.tls_version.unwrap_or("-").as_bytes()),
+            Value::Plain(http_version(self.http_version).as_bytes()),
+        ]
+    }
+
+    /// `2026-11-21T11:42:00.123456Z  INFO REQUEST client_ip=… …\n`
+    fn write_kv(&self, out: &mut Vec<u8>) -> fmt::Result {
+        timestamp::write_now(&mut Bytes(out))?;
+        out.extend_from_slice(b"  INFO REQUEST");
+        let ip = IpText::new(self.client_ip);
+        for (key, value) in KV_KEYS.into_iter().zip(self.values(&ip)) {
+            out.extend_from_slice(key.as_bytes());
+            match value {
+                Value::Text(text) => write_kv_text(out, text)?,
+                Value::Plain(text) => out.extend_from_slice(text),
+                Value::Number(n) => out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes()),
+            }
+        }
+        out.push(b'\n');
+        Ok(())
+    }
+
+    /// `{"ts":"…","level":"INFO","event":"REQUEST","client_ip":"…",…}\n`
+    fn write_json(&self, out: &mut Vec<u8>) -> fmt::Result {
+        out.extend_from_slice(b"{\"ts\":\"");
+        timestamp::write_now(&mut Bytes(out))?;
+        out.extend_from_slice(b"\",\"level\":\"INFO\",\"event\":\"REQUEST\"");
+        let ip = IpText::new(self.client_ip);
+        for (key, value) in JSON_KEYS.into_iter().zip(self.values(&ip)) {
+            out.extend_from_slice(key.as_bytes());
+            match value {
+                Value::Text(b"-") | Value::Plain(b"-") => out.extend_from_slice(b"null"),
+                Value::Text(text) => {
+                    write_json_string(&mut Bytes(out), &String::from_utf8_lossy(text))?;
+                }
+                Value::Plain(text) => {
+                    out.push(b'"');
+                    out.extend_from_slice(text);
+                    out.push(b'"');
+                }
+                Value::Number(n) => out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes()),
+            }
+        }
+        out.extend_from_slice(b"}\n");
+        Ok(())
+    }
+}
+
+/// A `key=value` value, as `super::write_escaped` writes it: bare when it
+/// is printable ASCII without separators, quoted when its only separators
+/// are spaces or `=`, escaped character by character otherwise (invalid
+/// UTF-8 becoming U+FFFD first).
+fn write_kv_text(out: &mut Vec<u8>, text: &[u8]) -> fmt::Result {
+    let class = text
+        .iter()
+        .fold(0, |class, &b| class | BYTE_CLASS[usize::from(b)]);
+    match class {
+        0 if !text.is_empty() => out.extend_from_slice(text),
+        SEPARATOR => {
+            out.push(b'"');
+            out.extend_from_slice(text);
+            out.push(b'"');
+        }
+        _ => write_escaped_carefully(&mut Bytes(out), &String::from_utf8_lossy(text), true)?,
+    }
+    Ok(())
+}
+
+/// Lets the `fmt::Write` helpers write into the byte buffer.
+struct Bytes<'a>(&'a mut Vec<u8>);
+
+impl fmt::Write for Bytes<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+fn http_version(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2.0",
+        Version::HTTP_3 => "HTTP/3.0",
+        _ => "-",
+    }
+}
+
+const KV_KEYS: [&str; 11] = [
+    " client_ip=",
+    " host=",
+    " method=",
+    " path=",
+    " status=",
+    " upstream=",
+    " duration_ms=",
+    " bytes_sent=",
+    " user_agent=",
+    " tls_version=",
+    " http_version=",
+];
+
+const JSON_KEYS: [&str; 11] = [
+    ",\"client_ip\":",
+    ",\"host\":",
+    ",\"method\":",
+    ",\"path\":",
+    ",\"status\":",
+    ",\"upstream\":",
+    ",\"duration_ms\":",
+    ",\"bytes_sent\":",
+    ",\"user_agent\":",
+    ",\"tls_version\":",
+    ",\"http_version\":",
+];
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::sync::{Arc, Mutex, PoisonError};
+
+    use tracing::info;
+    use tracing_subscriber::fmt::MakeWriter;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    use super::*;
+    use crate::logging::{ACCESS, json_layer, line_layer};
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl MakeWriter<'_> for Captured {
+        type Writer = Self;
+        fn make_writer(&self) -> Self {
+            self.clone()
+        }
+    }
+
+    impl Captured {
+        fn text(&self) -> String {
+            let bytes = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            String::from_utf8(bytes.clone()).expect("utf-8")
+        }
+    }
+
+    const TS: usize = "2026-11-21T11:42:00.123456Z".len();
+
+    /// The line as the tracing formatters write the same fields.
+    fn through_tracing(line: &RequestLine<'_>) -> (String, String) {
+        let (kv, json) = (Captured::default(), Captured::default());
+        let subscriber = tracing_subscriber::registry()
+            .with(line_layer(kv.clone()))
+            .with(json_layer(json.clone()));
+        let user_agent = line.user_agent.map_or("-".into(), String::from_utf8_lossy);
+        tracing::subscriber::with_default(subscriber, || {
+            info!(
+                target: ACCESS,
+                client_ip = line.client_ip.to_string().as_str(),
+                host = line.host,
+                method = line.method.as_str(),
+                path = line.path,
+                status = line.status,
+                upstream = line.upstream,
+                duration_ms = line.duration.as_millis() as u64,
+                bytes_sent = line.bytes_sent,
+                user_agent = user_agent.as_ref(),
+                tls_version = line.tls_version.unwrap_or("-"),
+                http_version = http_version(line.http_version),
+                "REQUEST"
+            );
+        });
+        (kv.text(), json.text())
+    }
+
+    fn direct(line: &RequestLine<'_>) -> (String, String) {
+        let (mut kv, mut json) = (Vec::new(), Vec::new());
+        line.write_kv(&mut kv).expect("kv");
+        line.write_json(&mut json).expect("json");
+        let text = |bytes| String::from_utf8(bytes).expect("utf-8");
+        (text(kv), text(json))
+    }
+
+    #[test]
+    fn lines_match_the_tracing_formatters_byte_for_byte() {
+        let extension = Method::from_bytes(b"PURGE").expect("method");
+        let hostile: [(&str, Option<&[u8]>, &str); 8] = [
+            ("/plain", Some(b"curl/8.0"), "a.test"),
+            ("/a b", Some(b"Mozilla/5.0 (X11; Linux)"), "-"),
+            ("/\r\nclient_ip=1.2.3.4", Some(b"say \"hi\"\\"), "b.test"),
+            ("/x=1", Some(b""), "c.test"),
+            (
+                "/\u{1b}[31m\u{7f}",
+                Some("\u{2028}\u{e9}\t".as_bytes()),
+                "-",
+            ),
+            ("/{\"x\":1}", None, "d.test"),
+            ("/latin1", Some(b"caf\xe9 \xff\xfe"), "e.test"),
+            ("/", Some(b"-"), "f.test"),
+        ];
+        for (i, (path, user_agent, upstream)) in hostile.into_iter().enumerate() {
+            let line = RequestLine {
+                client_ip: if i % 2 == 0 {
+                    "2001:db8::7".parse().expect("ip")
+                } else {
+                    "192.0.2.10".parse().expect("ip")
+                },
+                host: if i == 3 { "-" } else { "a.test" },
+                method: if i % 3 == 0 { &Method::GET } else { &extension },
+                path,
+                status: 502,
+                upstream,
+                duration: Duration::from_micros(12_345),
+                bytes_sent: u64::MAX,
+                user_agent,
+                tls_version: (i % 2 == 1).then_some("TLSv1.3"),
+                http_version: if i % 2 == 0 {
+                    Version::HTTP_11
+                } else {
+                    Version::HTTP_2
+                },
+            };
+            let (kv, json) = direct(&line);
+            let (tracing_kv, tracing_json) = through_tracing(&line);
+            assert_eq!(kv[TS..], tracing_kv[TS..], "{path:?} {user_agent:?}");
+            // Past `{"ts":"` and the time.
+            let skip = 7 + TS;
+            assert_eq!(
+                json[skip..],
+                tracing_json[skip..],
+                "{path:?} {user_agent:?}"
+            );
+            assert_eq!(kv.matches('\n').count(), 1, "{kv}");
+            assert_eq!(json.matches('\n').count(), 1, "{json}");
+        }
+    }
+}
