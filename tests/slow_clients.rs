@@ -83,6 +83,43 @@ async fn oversized_request_head_gets_431() {
     assert_eq!(common::get(proxy.addr, "a.test", "/").await.status, 200);
 }
 
+/// `max_header_bytes` (64 KiB by default) is exact whether the head
+/// arrives in one piece or many: a head of that size is served, one byte
+/// more gets 431, however much of the rest was already in the socket.
+#[tokio::test]
+async fn max_header_bytes_is_exact() {
+    let a = Upstream::echo("site-a").await;
+    let proxy = ProxyProcess::start(&config(&[("a.test", &a.url())], "", ""));
+    let head = |len: usize| {
+        let start = b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\nX-Pad: ".as_slice();
+        let end = b"\r\n\r\n".as_slice();
+        let mut head = start.to_vec();
+        head.resize(len - end.len(), b'p');
+        head.extend_from_slice(end);
+        head
+    };
+    for (len, want) in [(65536, 200), (65537, 431), (80_000, 431)] {
+        // At once, then in 4 KiB pieces.
+        for piece in [len, 4096] {
+            let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+            for chunk in head(len).chunks(piece) {
+                // The proxy may answer and close before the whole head is in.
+                if stream.write_all(chunk).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let out = common::read_until_close(&mut stream, Duration::from_secs(5)).await;
+            assert_eq!(
+                status_of(&out),
+                Some(want),
+                "{len} bytes in {piece}: {out:.200}"
+            );
+        }
+    }
+    assert_eq!(a.hits(), 2);
+}
+
 /// Reads until the server closes; returns what was read and when it closed
 /// (`None` if it had not closed within `timeout`).
 async fn read_to_close(stream: &mut TcpStream, timeout: Duration) -> (String, Option<Instant>) {

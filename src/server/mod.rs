@@ -3,8 +3,9 @@
 //! The accept loop enforces `max_connections` (beyond it, connections wait
 //! in the kernel backlog), survives accept errors (resets are ignored,
 //! descriptor exhaustion backs off instead of spinning), and hands each
-//! connection to hyper-util's auto builder (HTTP/1.1 and HTTP/2) behind a
-//! check that refuses ambiguous HTTP/1 framing (`framing`). Shutdown
+//! connection to hyper's HTTP/1.1 or HTTP/2 server, whichever its first
+//! bytes ask for (`version`), behind a check that refuses ambiguous HTTP/1
+//! framing (`framing`). Shutdown
 //! happens in three steps: stop accepting, ask every connection to finish
 //! (`Connection: close` / GOAWAY), and close what is left at the deadline.
 
@@ -53,19 +54,24 @@ macro_rules! write_through {
 mod activity;
 mod framing;
 pub mod listener;
+mod version;
 
 use std::convert::Infallible;
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
+use futures_util::future::Either;
 use http::Request;
 use hyper::body::Incoming;
+use hyper::rt::bounds::Http2ServerConnExec;
+use hyper::server::conn::{http1, http2};
+use hyper::service::HttpService;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -83,6 +89,7 @@ use crate::metrics::{Metrics, TlsHandshake};
 use crate::tls::{Tls, handshake};
 use activity::{Activity, TrackedBody, TrackedIo};
 use framing::FramingGuard;
+use version::Version;
 
 /// HTTP/2 streams one connection may have open at once (Envoy and the h2
 /// CVE advisories recommend at most 100–128).
@@ -105,7 +112,8 @@ pub struct Server {
 }
 
 struct Inner {
-    builder: auto::Builder<TokioExecutor>,
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
     router: Router,
     idle_timeout: Duration,
     body_read_timeout: Duration,
@@ -150,18 +158,20 @@ impl Server {
         router: Router,
         metrics: Option<Arc<Metrics>>,
     ) -> Self {
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
+        let mut http1 = http1::Builder::new();
+        http1
             .timer(TokioTimer::new())
             // The head timeout is `framing`'s: hyper's would also cut idle
             // keep-alive connections short.
             .header_read_timeout(None)
             .keep_alive(true)
             .max_buf_size(settings.max_header_bytes)
+            // The buffer limit alone is loose: one read may carry a head
+            // past it. This one counts the parsed head itself.
+            .max_header_size(settings.max_header_bytes)
             .max_headers(MAX_HEADERS);
-        builder
-            .http2()
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
             .timer(TokioTimer::new())
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
             .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
@@ -184,7 +194,8 @@ impl Server {
         }
         Self {
             inner: Arc::new(Inner {
-                builder,
+                http1,
+                http2,
                 router,
                 idle_timeout: settings.idle_timeout,
                 body_read_timeout: settings.body_read_timeout,
@@ -340,13 +351,26 @@ impl Server {
         let peer = info.peer;
         let activity = Activity::new(inner.metrics.as_ref().map(|m| m.connection_gauges()));
         let io = TrackedIo::new(io, Arc::clone(&activity));
-        let io = TokioIo::new(FramingGuard::new(
+        let io = FramingGuard::new(
             io,
             inner.max_header_bytes,
             peer.ip(),
             inner.header_read_timeout,
             Arc::clone(&activity),
-        ));
+        );
+        // Bounded by the head timeout, which `framing` keeps from the start.
+        let detected = tokio::select! {
+            detected = version::detect(io) => detected,
+            () = inner.stop.cancelled() => return,
+            () = inner.kill.cancelled() => return,
+        };
+        let (version, io) = match detected {
+            Ok((version, io)) => (version, TokioIo::new(io)),
+            Err(e) => {
+                debug!(%peer, "connection: {e}");
+                return;
+            }
+        };
         let router = inner.router.clone();
         let requests = Arc::clone(&activity);
         let body_read_timeout = inner.body_read_timeout;
@@ -363,7 +387,12 @@ impl Server {
                 Ok::<_, Infallible>(response.map(|inner| TrackedBody::new(inner, in_flight)))
             }
         });
-        let conn = inner.builder.serve_connection_with_upgrades(io, service);
+        let conn = match version {
+            Version::Http1 => {
+                Either::Left(inner.http1.serve_connection(io, service).with_upgrades())
+            }
+            Version::Http2 => Either::Right(inner.http2.serve_connection(io, service)),
+        };
         tokio::pin!(conn);
         // Set once the connection was asked to close because it was idle:
         // past this instant, if it is still idle, it is dropped.
@@ -407,14 +436,14 @@ impl Server {
                         return;
                     } else {
                         if !closing {
-                            conn.as_mut().graceful_shutdown();
+                            graceful_shutdown(conn.as_mut());
                             closing = true;
                         }
                         drop_at = Some(Instant::now() + IDLE_CLOSE_GRACE);
                     }
                 }
                 () = inner.stop.cancelled(), if !closing => {
-                    conn.as_mut().graceful_shutdown();
+                    graceful_shutdown(conn.as_mut());
                     closing = true;
                 }
                 () = inner.kill.cancelled() => return,
@@ -448,6 +477,27 @@ impl Server {
         self.inner.kill.cancel();
         self.inner.connections.wait().await;
         cut
+    }
+}
+
+/// hyper's connection for whichever version the client speaks.
+type HttpConnection<I, S, E> =
+    Either<http1::UpgradeableConnection<I, S>, http2::Connection<I, S, E>>;
+
+/// Asks an HTTP/1 connection to close after its current response, or an
+/// HTTP/2 one to send GOAWAY and finish its open streams.
+fn graceful_shutdown<I, S, E, B>(conn: Pin<&mut HttpConnection<I, S, E>>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: Http2ServerConnExec<S::Future, B>,
+{
+    match conn.as_pin_mut() {
+        Either::Left(http1) => http1.graceful_shutdown(),
+        Either::Right(http2) => http2.graceful_shutdown(),
     }
 }
 
