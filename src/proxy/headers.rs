@@ -14,9 +14,31 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
+/// The headers that belong to one connection. `Connection` may name more.
+static HOP_BY_HOP: [&HeaderName; 7] = [
+    &header::CONNECTION,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &header::TE,
+    &header::TRAILER,
+    &header::TRANSFER_ENCODING,
+    &header::UPGRADE,
+];
+
 /// Removes hop-by-hop headers. For an upgrade the `Upgrade` header and a
 /// `Connection: upgrade` are kept, since they are the request itself.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Most messages carry none: one look at each name costs less than
+    // hashing every hop-by-hop name for a removal.
+    if headers.keys().any(|name| HOP_BY_HOP.contains(&name)) {
+        strip_hop_by_hop(headers, upgrade);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -30,21 +52,11 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
                 headers.remove(&name);
             }
         }
-        headers.remove(header::CONNECTION);
     }
-    for name in [
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-    ] {
-        headers.remove(name);
-    }
-    if upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(header::UPGRADE);
+    for name in HOP_BY_HOP {
+        if !(upgrade && name == header::UPGRADE) {
+            headers.remove(name);
+        }
     }
 }
 
@@ -144,6 +156,20 @@ mod tests {
         remove_hop_by_hop(&mut h, false);
         let names: Vec<_> = h.keys().map(HeaderName::as_str).collect();
         assert_eq!(names, ["x-kept"]);
+    }
+
+    #[test]
+    fn leaves_end_to_end_headers_alone() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("a.test"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        h.insert("x-connection", HeaderValue::from_static("keep-alive"));
+        let before = h.clone();
+        remove_hop_by_hop(&mut h, false);
+        assert_eq!(h, before);
+        remove_hop_by_hop(&mut h, true);
+        assert_eq!(h.len(), before.len() + 1);
+        assert_eq!(h[header::CONNECTION], "upgrade");
     }
 
     #[test]
