@@ -80,7 +80,10 @@ impl RequestLine<'_> {
     /// logging is installed (as a `tracing` event without a subscriber).
     pub fn emit(&self) {
         let Some(sinks) = SINKS.get() else { return };
-        BUF.with_borrow_mut(|buf| {
+        // `try_with`: a body dropped while the thread's locals are torn
+        // down loses its line rather than panicking.
+        let _ = BUF.try_with(|buf| {
+            let buf = &mut *buf.borrow_mut();
             let kv_file = sinks
                 .file
                 .as_ref()

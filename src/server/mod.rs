@@ -358,9 +358,16 @@ impl Server {
             inner.header_read_timeout,
             Arc::clone(&activity),
         );
-        // Bounded by the head timeout, which `framing` keeps from the start.
+        // The first bytes belong to the first head and get its time. The
+        // framing check's own timer does not cover a beginning of the
+        // HTTP/2 preface, which it leaves alone as not HTTP/1.
+        let first_bytes_due = inner.header_read_timeout.min(inner.idle_timeout);
         let detected = tokio::select! {
             detected = version::detect(io) => detected,
+            () = tokio::time::sleep(first_bytes_due) => {
+                debug!(%peer, "no request in time; closing");
+                return;
+            }
             () = inner.stop.cancelled() => return,
             () = inner.kill.cancelled() => return,
         };
