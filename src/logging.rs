@@ -352,23 +352,39 @@ static BYTE_CLASS: [u8; 256] = {
     table
 };
 
+/// How a `key=value` value is written.
+enum Escape {
+    Bare,
+    Quoted,
+    /// Char by char ([`write_escaped_carefully`]).
+    Carefully,
+}
+
+/// Settles how `value` is written in one pass over its bytes: almost every
+/// value is printable ASCII and needs no more.
+fn escape_for(value: &[u8], quote_if_needed: bool) -> Escape {
+    let class = value
+        .iter()
+        .fold(0, |class, &b| class | BYTE_CLASS[usize::from(b)]);
+    match class {
+        0 if !value.is_empty() => Escape::Bare,
+        c if c & OTHER == 0 && !quote_if_needed => Escape::Bare,
+        SEPARATOR if quote_if_needed => Escape::Quoted,
+        _ => Escape::Carefully,
+    }
+}
+
 /// Writes a value, quoting it when it holds anything that could be read as
 /// a separator. The message is never quoted but is escaped all the same.
 fn write_escaped(w: &mut impl fmt::Write, value: &str, quote_if_needed: bool) -> fmt::Result {
-    // Almost every value is printable ASCII: one pass over the bytes
-    // settles what it needs.
-    let class = value
-        .bytes()
-        .fold(0, |class, b| class | BYTE_CLASS[usize::from(b)]);
-    match class {
-        0 if !value.is_empty() => w.write_str(value),
-        c if c & OTHER == 0 && !quote_if_needed => w.write_str(value),
-        SEPARATOR if quote_if_needed => {
+    match escape_for(value.as_bytes(), quote_if_needed) {
+        Escape::Bare => w.write_str(value),
+        Escape::Quoted => {
             w.write_char('"')?;
             w.write_str(value)?;
             w.write_char('"')
         }
-        _ => write_escaped_carefully(w, value, quote_if_needed),
+        Escape::Carefully => write_escaped_carefully(w, value, quote_if_needed),
     }
 }
 

@@ -17,7 +17,7 @@ use std::time::Duration;
 use http::{Method, Version};
 
 use super::batch::BatchWriter;
-use super::{BYTE_CLASS, SEPARATOR, timestamp, write_escaped_carefully, write_json_string};
+use super::{Escape, escape_for, timestamp, write_escaped_carefully, write_json_string};
 use crate::client_ip::IpText;
 use crate::config::AccessLogFormat;
 
@@ -166,22 +166,19 @@ impl RequestLine<'_> {
     }
 }
 
-/// A `key=value` value, as `super::write_escaped` writes it: bare when it
-/// is printable ASCII without separators, quoted when its only separators
-/// are spaces or `=`, escaped character by character otherwise (invalid
-/// UTF-8 becoming U+FFFD first).
+/// A `key=value` value from raw bytes, as `super::write_escaped` writes
+/// text (invalid UTF-8 becoming U+FFFD on the careful path).
 fn write_kv_text(out: &mut Vec<u8>, text: &[u8]) -> fmt::Result {
-    let class = text
-        .iter()
-        .fold(0, |class, &b| class | BYTE_CLASS[usize::from(b)]);
-    match class {
-        0 if !text.is_empty() => out.extend_from_slice(text),
-        SEPARATOR => {
+    match escape_for(text, true) {
+        Escape::Bare => out.extend_from_slice(text),
+        Escape::Quoted => {
             out.push(b'"');
             out.extend_from_slice(text);
             out.push(b'"');
         }
-        _ => write_escaped_carefully(&mut Bytes(out), &String::from_utf8_lossy(text), true)?,
+        Escape::Carefully => {
+            write_escaped_carefully(&mut Bytes(out), &String::from_utf8_lossy(text), true)?;
+        }
     }
     Ok(())
 }
