@@ -246,14 +246,27 @@ async fn idle_http1_connection_outlives_a_shorter_header_read_timeout() {
     );
 }
 
+/// `[server]` settings where only the head timeout (1 s) can close a
+/// connection within the tests below.
+const HEAD_TIMEOUT_ONLY: &str = "idle_timeout_secs = 30\nheader_read_timeout_secs = 1";
+
+/// Reads until the proxy closes `stream` and asserts that it did so at the
+/// 1 s head timeout, counted from now. Returns what was read.
+async fn closed_at_head_timeout(stream: &mut TcpStream, what: &str) -> String {
+    let started = Instant::now();
+    let (out, closed) = read_to_close(stream, Duration::from_secs(6)).await;
+    let after = closed.unwrap_or_else(|| panic!("{what}: left open")) - started;
+    assert!(
+        after >= Duration::from_millis(800) && after < Duration::from_secs(3),
+        "{what}: closed after {after:?}: {out}"
+    );
+    out
+}
+
 #[tokio::test]
 async fn head_clock_starts_with_the_first_byte_of_a_later_head() {
     let a = Upstream::echo("site-a").await;
-    let proxy = ProxyProcess::start(&config(
-        &[("a.test", &a.url())],
-        "idle_timeout_secs = 30\nheader_read_timeout_secs = 1",
-        "",
-    ));
+    let proxy = ProxyProcess::start(&config(&[("a.test", &a.url())], HEAD_TIMEOUT_ONLY, ""));
     let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
     stream
         .write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
@@ -275,13 +288,7 @@ async fn head_clock_starts_with_the_first_byte_of_a_later_head() {
         .write_all(b"GET / HTTP/1.1\r\nHost: a.")
         .await
         .expect("connection still open after idling");
-    let started = Instant::now();
-    let (out, closed) = read_to_close(&mut stream, Duration::from_secs(6)).await;
-    let after = closed.expect("half a head left open") - started;
-    assert!(
-        after >= Duration::from_millis(800) && after < Duration::from_secs(3),
-        "closed after {after:?}: {out}"
-    );
+    closed_at_head_timeout(&mut stream, "half a head").await;
     assert_eq!(
         a.hits(),
         1,
@@ -292,23 +299,13 @@ async fn head_clock_starts_with_the_first_byte_of_a_later_head() {
 #[tokio::test]
 async fn a_connection_that_never_sends_a_head_is_closed_at_header_read_timeout() {
     let a = Upstream::echo("site-a").await;
-    let proxy = ProxyProcess::start(&config(
-        &[("a.test", &a.url())],
-        "idle_timeout_secs = 30\nheader_read_timeout_secs = 1",
-        "",
-    ));
+    let proxy = ProxyProcess::start(&config(&[("a.test", &a.url())], HEAD_TIMEOUT_ONLY, ""));
     // Nothing at all; half an HTTP/2 preface (still undecided between the
     // two versions); half an HTTP/1 head.
     for start in [&b""[..], b"PRI * HTTP/2.0\r\n", b"GET / HT"] {
         let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
-        let started = Instant::now();
         stream.write_all(start).await.expect("write");
-        let (out, closed) = read_to_close(&mut stream, Duration::from_secs(6)).await;
-        let after = closed.expect("silent connection left open") - started;
-        assert!(
-            after >= Duration::from_millis(800) && after < Duration::from_secs(3),
-            "{start:?}: closed after {after:?}"
-        );
+        let out = closed_at_head_timeout(&mut stream, &format!("{start:?}")).await;
         assert!(out.is_empty() || out.starts_with("HTTP/1.1 408"), "{out}");
     }
     health(proxy.addr, Duration::from_secs(1)).await;
