@@ -69,7 +69,7 @@ EOF
         "$binary" --config "$tmp/config.toml" >/dev/null 2>"$tmp/valgrind.txt" &
     local pid=$!
     wait_port "$port"
-    h2load --h1 -n "$requests" -c 16 -H ':authority: bench.test' "http://127.0.0.1:$port/" \
+    h2load --h1 -n "$requests" -c "${CONNS:-16}" -H ':authority: bench.test' "http://127.0.0.1:$port/" \
         >"$tmp/h2load.txt"
     grep -q "$requests succeeded" "$tmp/h2load.txt" \
         || { cat "$tmp/h2load.txt" >&2; exit 1; }

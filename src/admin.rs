@@ -114,12 +114,7 @@ async fn probe_upstreams(snapshot: &Snapshot) -> Vec<Probe> {
     let mut sites: Vec<_> = snapshot.config.sites.iter().collect();
     sites.sort_by_key(|(host, _)| *host);
     join_all(sites.into_iter().map(|(host, site)| async move {
-        let authority = &site.upstream.authority;
-        // The proxy's client defaults to port 80 for http, and so does this.
-        let upstream = match authority.port_u16() {
-            Some(_) => authority.as_str().to_owned(),
-            None => format!("{}:80", authority.as_str()),
-        };
+        let upstream = site.upstream.connect_target();
         let error = match tokio::time::timeout(timeout, TcpStream::connect(&upstream)).await {
             Ok(Ok(_)) => None,
             Ok(Err(e)) => Some(e.kind().to_string()),

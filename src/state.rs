@@ -10,13 +10,13 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::DynamicConfig;
 use crate::metrics::{Metrics, SiteMetrics, SiteTable};
-use crate::proxy::upstream::{self, UpstreamClient};
+use crate::proxy::upstream::Upstreams;
 use crate::ratelimit::Limiter;
 
 /// One consistent view of what requests are served with.
 pub struct Snapshot {
     pub config: DynamicConfig,
-    pub upstream: UpstreamClient,
+    pub upstreams: Upstreams,
     /// Per-site metric handles for this config; `None` without `[admin]`.
     pub metrics: Option<SiteTable>,
     /// `None` when rate limiting is off.
@@ -24,7 +24,7 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Builds a snapshot, reusing the previous one's upstream pool and
+    /// Builds a snapshot, reusing the previous one's upstream pools and
     /// rate-limit buckets when the settings they were built from did not
     /// change (so a reload does not hand every client a fresh burst).
     pub fn new(
@@ -32,10 +32,10 @@ impl Snapshot {
         previous: Option<&Snapshot>,
         metrics: Option<&Metrics>,
     ) -> Self {
-        let upstream = match previous {
-            Some(prev) if prev.config.proxy == config.proxy => prev.upstream.clone(),
-            _ => upstream::client(&config.proxy),
-        };
+        let upstreams = Upstreams::new(
+            &config,
+            previous.map(|prev| (&prev.config, &prev.upstreams)),
+        );
         let metrics = metrics.map(|m| m.sites(&config));
         let limiter = match previous.and_then(|prev| prev.limiter.as_ref()) {
             Some(limiter) if limiter.fits(&config.rate_limit) => Some(Arc::clone(limiter)),
@@ -43,7 +43,7 @@ impl Snapshot {
         };
         Self {
             config,
-            upstream,
+            upstreams,
             metrics,
             limiter,
         }

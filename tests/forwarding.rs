@@ -4,6 +4,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use axum::Router;
 use axum::routing::any;
 use common::{ProxyProcess, Upstream, config, field, raw, status_of};
@@ -132,4 +134,140 @@ fn established_from(pid: u32, port: u16) -> usize {
         .lines()
         .filter(|l| l.contains(&format!("pid={pid},")))
         .count()
+}
+
+/// The upstream connection of a response the client stopped reading still
+/// carries the rest of that response; it must not serve the next request.
+#[tokio::test]
+async fn an_abandoned_response_does_not_reach_the_next_request() {
+    let big = vec![b'x'; 4 << 20];
+    let upstream = Upstream::start(
+        Router::new()
+            .route("/big", any(move || std::future::ready(big.clone())))
+            .route("/small", any(|| async { "small" })),
+    )
+    .await;
+    let proxy = ProxyProcess::start(&config(&[("a.test", &upstream.url())], "", ""));
+    for _ in 0..3 {
+        let mut client = tokio::net::TcpStream::connect(proxy.addr)
+            .await
+            .expect("connect");
+        client
+            .write_all(b"GET /big HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            .await
+            .expect("write");
+        let mut first = vec![0u8; 64 * 1024];
+        tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut first))
+            .await
+            .expect("the first 64 KiB within 5 s")
+            .expect("read");
+        drop(client);
+        for _ in 0..5 {
+            let r = common::get(proxy.addr, "a.test", "/small").await;
+            assert_eq!((r.status.as_u16(), r.text()), (200, "small".to_owned()));
+        }
+    }
+}
+
+/// An upstream may answer before it has read the request body (a `413`,
+/// say) and then read the rest, keeping the connection. The client gets the
+/// answer, the upload still reaches the upstream whole, and the connection
+/// goes on serving once the upload is over.
+#[tokio::test]
+async fn an_answer_before_the_upload_ends_leaves_the_proxy_serving() {
+    const UPLOAD: usize = 1 << 20;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let upstream_addr = listener.local_addr().expect("addr");
+    let (uploaded_tx, uploaded) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut uploaded_tx = Some(uploaded_tx);
+        loop {
+            let Ok((socket, _)) = listener.accept().await else {
+                return;
+            };
+            let uploaded_tx = uploaded_tx.take();
+            tokio::spawn(early_answering_upstream(socket, uploaded_tx));
+        }
+    });
+    let proxy = ProxyProcess::start(&config(
+        &[("a.test", &format!("http://{upstream_addr}"))],
+        "",
+        "",
+    ));
+    let mut client = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("connect");
+    let head = format!("POST /upload HTTP/1.1\r\nHost: a.test\r\nContent-Length: {UPLOAD}\r\n\r\n");
+    client.write_all(head.as_bytes()).await.expect("write");
+    client.write_all(&vec![b'u'; UPLOAD]).await.expect("upload");
+    let mut response = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut response))
+        .await
+        .expect("a response within 5 s")
+        .expect("read");
+    let response = String::from_utf8_lossy(&response[..n]).into_owned();
+    assert!(response.starts_with("HTTP/1.1 413 "), "{response}");
+    let received = tokio::time::timeout(Duration::from_secs(5), uploaded)
+        .await
+        .expect("the upload within 5 s")
+        .expect("upstream");
+    assert_eq!(received, UPLOAD);
+    drop(client);
+    for _ in 0..5 {
+        let r = common::get(proxy.addr, "a.test", "/small").await;
+        assert_eq!((r.status.as_u16(), r.text()), (200, "small".to_owned()));
+    }
+}
+
+/// Serves one upstream connection: `POST /upload` is answered `413` at
+/// once, then its body is read and its length reported; anything else gets
+/// `small`.
+async fn early_answering_upstream(
+    mut socket: tokio::net::TcpStream,
+    mut uploaded: Option<tokio::sync::oneshot::Sender<usize>>,
+) {
+    let mut buf = Vec::new();
+    loop {
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut more = [0u8; 16 * 1024];
+            match socket.read(&mut more).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&more[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        buf.drain(..head_end);
+        if !head.starts_with("post /upload ") {
+            let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nsmall";
+            if socket.write_all(reply).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("a content-length");
+        let reply = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\n\r\ntoo large";
+        if socket.write_all(reply).await.is_err() {
+            return;
+        }
+        while buf.len() < length {
+            let mut more = [0u8; 64 * 1024];
+            match socket.read(&mut more).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&more[..n]),
+            }
+        }
+        buf.drain(..length);
+        if let Some(tx) = uploaded.take() {
+            let _ = tx.send(length);
+        }
+    }
 }

@@ -117,6 +117,16 @@ pub struct Upstream {
     pub authority: Authority,
 }
 
+impl Upstream {
+    /// `host:port` to connect to: the URL's port, or 80 for http.
+    pub fn connect_target(&self) -> String {
+        match self.authority.port_u16() {
+            Some(_) => self.authority.as_str().to_owned(),
+            None => format!("{}:80", self.authority.as_str()),
+        }
+    }
+}
+
 impl std::fmt::Display for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.authority.as_str())

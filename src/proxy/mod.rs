@@ -4,29 +4,29 @@
 pub mod access;
 pub mod headers;
 pub mod host;
+pub mod pool;
 pub mod upgrade;
 pub mod upstream;
 
 use std::error::Error as _;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
-use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderValue, StatusCode, Uri, Version, header};
-use hyper::body::Incoming;
 use tracing::{info, warn};
 
 use crate::body_timeout::BodyStalled;
 use crate::client_ip::{ClientIp, client_ip};
-use crate::config::Site;
 use crate::conn_info::ConnInfo;
 use crate::logging::ACCESS;
 use crate::metrics::{SiteMetrics, UpstreamErrorKind};
 use crate::state::AppState;
 use access::{CountedBody, Exchange};
 use host::{RequestHost, request_host};
+use pool::{PooledBody, UpstreamError, UpstreamPool};
 
 /// Serves one proxied request.
 pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
@@ -77,18 +77,18 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
         );
         return exchange.finish(response, host.name, None, metrics);
     }
-    let Some(site) = snapshot.config.site(&host.name) else {
+    let Some(pool) = snapshot.upstreams.get(&host.name) else {
         let response = plain(
             StatusCode::MISDIRECTED_REQUEST,
             "misdirected request: no site is configured for this host\n",
         );
         return exchange.finish(response, host.name, None, metrics);
     };
-    let upstream = Some(site.upstream.authority.clone());
+    let upstream = Some(pool.authority().clone());
     match forward(
         &state,
         &snapshot,
-        site,
+        pool,
         metrics.as_deref(),
         &host,
         &conn,
@@ -108,13 +108,13 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
 async fn forward(
     state: &AppState,
     snapshot: &crate::state::Snapshot,
-    site: &Site,
+    pool: &Arc<UpstreamPool>,
     metrics: Option<&SiteMetrics>,
     host: &RequestHost,
     conn: &ConnInfo,
     client: IpAddr,
     req: Request,
-) -> Result<http::Response<Incoming>, Response> {
+) -> Result<http::Response<PooledBody>, Response> {
     let wants_upgrade = req.version() == Version::HTTP_11 && headers::wants_upgrade(req.headers());
     let (mut parts, body) = req.into_parts();
     let client_upgrade = if wants_upgrade {
@@ -122,25 +122,16 @@ async fn forward(
     } else {
         None
     };
-    let mut uri_parts = http::uri::Parts::default();
-    uri_parts.scheme = Some(Scheme::HTTP);
-    uri_parts.authority = Some(site.upstream.authority.clone());
-    uri_parts.path_and_query = Some(
-        parts
+    // The upstream gets the origin form (`/path?query`), which is what an
+    // HTTP/1.1 client usually sent; an absolute-form or HTTP/2 target is
+    // cut down to it.
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        parts.uri = parts
             .uri
             .path_and_query()
             .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/")),
-    );
-    parts.uri = match Uri::from_parts(uri_parts) {
-        Ok(uri) => uri,
-        Err(_) => {
-            return Err(plain(
-                StatusCode::BAD_REQUEST,
-                "bad request: request target\n",
-            ));
-        }
-    };
+            .map_or_else(|| Uri::from_static("/"), Uri::from);
+    }
     // Upstreams speak HTTP/1.1 whatever the client spoke.
     parts.version = Version::HTTP_11;
     headers::remove_hop_by_hop(&mut parts.headers, client_upgrade.is_some());
@@ -167,11 +158,7 @@ async fn forward(
     let body = CountedBody::wrap(body, metrics);
     let timeout = snapshot.config.proxy.response_timeout;
     let sent_at = Instant::now();
-    let sent = tokio::time::timeout(
-        timeout,
-        snapshot.upstream.request(Request::from_parts(parts, body)),
-    )
-    .await;
+    let sent = tokio::time::timeout(timeout, pool.send(Request::from_parts(parts, body))).await;
     let mut response = match sent {
         Ok(Ok(response)) => {
             if let Some(m) = metrics {
@@ -203,7 +190,7 @@ async fn forward(
             } else {
                 UpstreamErrorKind::Reset
             };
-            upstream_error(site, metrics, kind, &describe(&e));
+            upstream_error(host, pool, metrics, kind, &describe(&e));
             return Err(plain(
                 StatusCode::BAD_GATEWAY,
                 "bad gateway: the upstream could not be reached\n",
@@ -211,7 +198,8 @@ async fn forward(
         }
         Err(_) => {
             upstream_error(
-                site,
+                host,
+                pool,
                 metrics,
                 UpstreamErrorKind::Timeout,
                 &format!("no response within {} s", timeout.as_secs()),
@@ -226,7 +214,8 @@ async fn forward(
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client_upgrade) = client_upgrade else {
             upstream_error(
-                site,
+                host,
+                pool,
                 metrics,
                 UpstreamErrorKind::Reset,
                 "101 Switching Protocols to a request that did not ask to upgrade",
@@ -247,7 +236,8 @@ async fn forward(
 }
 
 fn upstream_error(
-    site: &Site,
+    host: &RequestHost,
+    pool: &UpstreamPool,
     metrics: Option<&SiteMetrics>,
     kind: UpstreamErrorKind,
     error: &str,
@@ -257,15 +247,15 @@ fn upstream_error(
     }
     warn!(
         target: ACCESS,
-        host = site.host.as_str(),
-        upstream = site.upstream.authority.as_str(),
+        host = host.name.as_str(),
+        upstream = pool.authority().as_str(),
         error,
         "UPSTREAM_ERROR"
     );
 }
 
 /// A short cause for logs: the innermost error, e.g. "connection refused".
-fn describe(error: &hyper_util::client::legacy::Error) -> String {
+fn describe(error: &UpstreamError) -> String {
     let mut source = error.source();
     let mut last: &dyn std::error::Error = error;
     while let Some(inner) = source {

@@ -1,0 +1,429 @@
+//! Keep-alive connections to one upstream, reused from request to request.
+//!
+//! Upstreams speak HTTP/1.1, one exchange per connection at a time, so a
+//! pool is a stack of idle connections: a request takes the one used most
+//! recently (the least likely to have been closed by the upstream) or opens
+//! a new one, and the response body gives it back once the upstream has sent
+//! all of it. Each upstream's pool is found together with its site
+//! ([`super::upstream`]), so taking and returning a connection is a pop and a
+//! push under an uncontended lock: no key to hash, and no task per request
+//! to wait for the connection to become idle, which is what a general
+//! pooled client (hyper-util's) spends about a tenth of a proxied request on.
+
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use bytes::Bytes;
+use http::uri::Authority;
+use http::{Request, Response, StatusCode};
+use http_body::{Body as _, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::config::Upstream;
+
+/// How long an unused connection is kept. Upstreams such as Forgejo (Go's
+/// net/http) close idle connections after 90 s or more; closing first means
+/// a request is not sent on a connection the upstream is closing.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Idle connections kept per upstream; beyond this, a connection that
+/// finishes an exchange is closed.
+pub const MAX_IDLE: usize = 256;
+
+/// Why an upstream gave no response.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connecting to the upstream: {0}")]
+    Connect(#[source] io::Error),
+    #[error("no connection within {} s", .0.as_secs())]
+    ConnectTimeout(Duration),
+    #[error("exchange with the upstream: {0}")]
+    Exchange(#[source] hyper::Error),
+}
+
+impl UpstreamError {
+    /// Whether the TCP connection could not be opened (nothing was sent).
+    pub fn is_connect(&self) -> bool {
+        matches!(self, Self::Connect(_) | Self::ConnectTimeout(_))
+    }
+}
+
+/// The connections to one upstream.
+pub struct UpstreamPool {
+    authority: Authority,
+    /// `host:port` as dialled (port 80 when the URL names none).
+    target: String,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    /// Oldest first; requests take from the back.
+    idle: Mutex<VecDeque<Idle>>,
+    sweeper_started: AtomicBool,
+}
+
+struct Idle {
+    sender: SendRequest<Body>,
+    since: Instant,
+}
+
+impl UpstreamPool {
+    pub fn new(upstream: &Upstream, connect_timeout: Duration) -> Arc<Self> {
+        Self::with_idle_timeout(upstream, connect_timeout, IDLE_TIMEOUT)
+    }
+
+    fn with_idle_timeout(
+        upstream: &Upstream,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            authority: upstream.authority.clone(),
+            target: upstream.connect_target(),
+            connect_timeout,
+            idle_timeout,
+            idle: Mutex::new(VecDeque::new()),
+            sweeper_started: AtomicBool::new(false),
+        })
+    }
+
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
+    /// Sends `req` (origin-form target, `Host` set) on an idle connection,
+    /// or on a new one when none is idle. A request that an idle connection
+    /// failed to take before writing any of it (the upstream closed that
+    /// connection just then) goes on to the next connection.
+    pub async fn send(
+        self: &Arc<Self>,
+        mut req: Request<Body>,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        loop {
+            let (mut sender, reused) = match self.checkout() {
+                Some(sender) => (sender, true),
+                None => (self.connect().await?, false),
+            };
+            match sender.try_send_request(req).await {
+                Ok(response) => {
+                    // After a 101 the connection belongs to the tunnel.
+                    let back =
+                        (response.status() != StatusCode::SWITCHING_PROTOCOLS).then(|| Returning {
+                            pool: Arc::clone(self),
+                            sender,
+                        });
+                    return Ok(response.map(|inner| PooledBody {
+                        inner,
+                        ended: false,
+                        back,
+                    }));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if reused => req = unsent,
+                    _ => return Err(UpstreamError::Exchange(e.into_error())),
+                },
+            }
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, VecDeque<Idle>> {
+        // The queue holds no invariant a panic could break halfway.
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The most recently used connection that can take a request now;
+    /// closed ones met on the way are dropped.
+    fn checkout(&self) -> Option<SendRequest<Body>> {
+        let mut idle = self.lock();
+        while let Some(entry) = idle.pop_back() {
+            if entry.sender.is_ready() {
+                return Some(entry.sender);
+            }
+        }
+        None
+    }
+
+    /// Gives back a connection whose last response has been read to the
+    /// end. It is ready at once unless its request body is still being
+    /// sent (the upstream answered before reading all of it); then a task
+    /// waits for that, as it would otherwise hold up the next request.
+    fn put(self: Arc<Self>, mut sender: SendRequest<Body>) {
+        if sender.is_ready() {
+            self.put_ready(sender);
+        } else if !sender.is_closed() {
+            tokio::spawn(async move {
+                if sender.ready().await.is_ok() {
+                    self.put_ready(sender);
+                }
+            });
+        }
+    }
+
+    fn put_ready(&self, sender: SendRequest<Body>) {
+        let mut idle = self.lock();
+        if idle.len() < MAX_IDLE {
+            idle.push_back(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    async fn connect(self: &Arc<Self>) -> Result<SendRequest<Body>, UpstreamError> {
+        let stream = tokio::time::timeout(
+            self.connect_timeout,
+            TcpStream::connect(self.target.as_str()),
+        )
+        .await
+        .map_err(|_| UpstreamError::ConnectTimeout(self.connect_timeout))?
+        .map_err(UpstreamError::Connect)?;
+        stream.set_nodelay(true).map_err(UpstreamError::Connect)?;
+        let (sender, connection) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(UpstreamError::Exchange)?;
+        // The connection's errors reach the request in flight through
+        // `sender`; when it ends, nothing is left to report.
+        tokio::spawn(connection.with_upgrades());
+        self.start_sweeper();
+        Ok(sender)
+    }
+
+    /// Closes connections idle for longer than the idle timeout, checked a
+    /// few times per timeout, for as long as the pool is in use.
+    fn start_sweeper(self: &Arc<Self>) {
+        if self.sweeper_started.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let idle_timeout = self.idle_timeout;
+        let pool = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(idle_timeout / 4);
+            loop {
+                tick.tick().await;
+                let Some(pool) = pool.upgrade() else { return };
+                let Some(cutoff) = Instant::now().checked_sub(idle_timeout) else {
+                    continue;
+                };
+                pool.lock()
+                    .retain(|entry| entry.since > cutoff && !entry.sender.is_closed());
+            }
+        });
+    }
+}
+
+/// Where a connection goes back to.
+struct Returning {
+    pool: Arc<UpstreamPool>,
+    sender: SendRequest<Body>,
+}
+
+/// An upstream response body that returns its connection to the pool
+/// when it is dropped after being read to the end. Dropped earlier (the
+/// client went away) or after an error, the connection is closed instead:
+/// the rest of that response would still be on it.
+pub struct PooledBody {
+    inner: Incoming,
+    /// Whether the body said it has no more frames.
+    ended: bool,
+    back: Option<Returning>,
+}
+
+impl http_body::Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.ended = true,
+            Poll::Ready(Some(Err(_))) => self.back = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        if (self.ended || self.inner.is_end_stream())
+            && let Some(back) = self.back.take()
+        {
+            back.pool.put(back.sender);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    fn upstream(addr: std::net::SocketAddr) -> Upstream {
+        Upstream {
+            authority: addr.to_string().parse().expect("authority"),
+        }
+    }
+
+    fn get(path: &str) -> Request<Body> {
+        Request::get(path)
+            .header(http::header::HOST, "a.test")
+            .body(Body::empty())
+            .expect("request")
+    }
+
+    /// Reads one request head from `socket`; `None` at end of stream.
+    async fn read_head(socket: &mut TcpStream) -> Option<String> {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = tokio::time::timeout(WAIT, socket.read(&mut byte))
+                .await
+                .expect("upstream read timed out")
+                .expect("upstream read");
+            if n == 0 {
+                return None;
+            }
+            head.push(byte[0]);
+        }
+        Some(String::from_utf8_lossy(&head).into_owned())
+    }
+
+    async fn body_of(response: Response<PooledBody>) -> Bytes {
+        response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes()
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_reused_and_closed_after_the_idle_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let pool = UpstreamPool::with_idle_timeout(
+            &upstream(listener.local_addr().expect("addr")),
+            WAIT,
+            Duration::from_millis(200),
+        );
+        let client = {
+            let pool = Arc::clone(&pool);
+            tokio::spawn(async move {
+                for path in ["/one", "/two"] {
+                    let response = pool.send(get(path)).await.expect("response");
+                    assert_eq!(body_of(response).await, "ok");
+                }
+            })
+        };
+        let (mut socket, _) = listener.accept().await.expect("accept");
+        for path in ["/one", "/two"] {
+            let head = read_head(&mut socket).await.expect("a request");
+            assert!(
+                head.starts_with(&format!("GET {path} HTTP/1.1\r\n")),
+                "{head}"
+            );
+            socket
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await
+                .expect("write");
+        }
+        client.await.expect("client");
+        // Both requests came on the one connection; now idle, it is closed
+        // by the pool within the timeout and a quarter.
+        let started = Instant::now();
+        assert_eq!(read_head(&mut socket).await, None);
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn a_response_not_read_to_the_end_does_not_return_its_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let pool = UpstreamPool::new(&upstream(listener.local_addr().expect("addr")), WAIT);
+        let client = {
+            let pool = Arc::clone(&pool);
+            tokio::spawn(async move {
+                let mut response = pool.send(get("/partial")).await.expect("response");
+                let first = response.body_mut().frame().await.expect("a frame");
+                assert_eq!(first.expect("data").into_data().expect("data"), "part");
+                drop(response);
+                let response = pool.send(get("/next")).await.expect("response");
+                assert_eq!(body_of(response).await, "next");
+            })
+        };
+        let (mut first, _) = listener.accept().await.expect("accept");
+        read_head(&mut first).await.expect("a request");
+        first
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\npart")
+            .await
+            .expect("write");
+        // The rest of that body is never sent: the next request must come
+        // on a new connection, and this one is closed.
+        let (mut second, _) = listener.accept().await.expect("accept");
+        let head = read_head(&mut second).await.expect("a request");
+        assert!(head.starts_with("GET /next HTTP/1.1\r\n"), "{head}");
+        second
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nnext")
+            .await
+            .expect("write");
+        client.await.expect("client");
+        assert_eq!(read_head(&mut first).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_request_an_idle_connection_could_not_take_goes_to_a_new_one() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let pool = UpstreamPool::new(&upstream(listener.local_addr().expect("addr")), WAIT);
+        let upstream = tokio::spawn(async move {
+            // Each connection answers one request and is then closed, as
+            // an upstream may do to an idle connection at any moment.
+            for _ in 0..3 {
+                let (mut socket, _) = listener.accept().await.expect("accept");
+                read_head(&mut socket).await.expect("a request");
+                socket
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await
+                    .expect("write");
+            }
+        });
+        for _ in 0..3 {
+            let response = pool.send(get("/")).await.expect("response");
+            assert_eq!(body_of(response).await, "ok");
+        }
+        upstream.await.expect("upstream");
+    }
+
+    #[tokio::test]
+    async fn connect_failures_say_so() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        drop(listener);
+        let pool = UpstreamPool::new(&upstream(addr), WAIT);
+        let error = pool.send(get("/")).await.err().expect("an error");
+        assert!(error.is_connect(), "{error}");
+        assert!(
+            matches!(&error, UpstreamError::Connect(e) if e.kind() == io::ErrorKind::ConnectionRefused)
+        );
+    }
+}
