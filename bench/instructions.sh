@@ -10,7 +10,8 @@
 # with 16 connections. The proxy runs under `valgrind --tool=cachegrind`
 # twice, for N1 and N2 requests; the difference divided by N2 - N1 is the
 # cost of one request with start-up and shutdown cancelled out.
-# ACCESS_LOG=off measures without the access log file.
+# ACCESS_LOG=off measures without the access log file; CONNS=N drives it
+# with N connections instead of 16.
 # Needs valgrind and h2load (Debian: valgrind, nghttp2-client) and
 # `cargo build --release --example bench_upstream`.
 set -euo pipefail

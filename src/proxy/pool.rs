@@ -12,6 +12,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -139,11 +140,11 @@ impl UpstreamPool {
     }
 
     /// The most recently used connection that can take a request now;
-    /// closed ones met on the way are dropped.
+    /// closed or expired ones met on the way are dropped.
     fn checkout(&self) -> Option<SendRequest<Body>> {
         let mut idle = self.lock();
         while let Some(entry) = idle.pop_back() {
-            if entry.sender.is_ready() {
+            if entry.sender.is_ready() && entry.since.elapsed() < self.idle_timeout {
                 return Some(entry.sender);
             }
         }
@@ -157,8 +158,10 @@ impl UpstreamPool {
     fn put(self: Arc<Self>, mut sender: SendRequest<Body>) {
         if sender.is_ready() {
             self.put_ready(sender);
-        } else if !sender.is_closed() {
-            tokio::spawn(async move {
+        } else if !sender.is_closed()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
                 if sender.ready().await.is_ok() {
                     self.put_ready(sender);
                 }
@@ -177,13 +180,7 @@ impl UpstreamPool {
     }
 
     async fn connect(self: &Arc<Self>) -> Result<SendRequest<Body>, UpstreamError> {
-        let stream = tokio::time::timeout(
-            self.connect_timeout,
-            TcpStream::connect(self.target.as_str()),
-        )
-        .await
-        .map_err(|_| UpstreamError::ConnectTimeout(self.connect_timeout))?
-        .map_err(UpstreamError::Connect)?;
+        let stream = self.dial().await?;
         stream.set_nodelay(true).map_err(UpstreamError::Connect)?;
         let (sender, connection) = http1::handshake(TokioIo::new(stream))
             .await
@@ -193,6 +190,33 @@ impl UpstreamPool {
         tokio::spawn(connection.with_upgrades());
         self.start_sweeper();
         Ok(sender)
+    }
+
+    /// Opens a TCP connection to the upstream. A name is resolved first
+    /// and its addresses tried in turn, each with an equal share of the
+    /// connect timeout, so an address that drops packets leaves time for
+    /// the next.
+    async fn dial(&self) -> Result<TcpStream, UpstreamError> {
+        let addresses: Vec<SocketAddr> = match self.target.parse() {
+            Ok(address) => vec![address],
+            Err(_) => tokio::net::lookup_host(self.target.as_str())
+                .await
+                .map_err(UpstreamError::Connect)?
+                .collect(),
+        };
+        let share = self.connect_timeout / u32::try_from(addresses.len().max(1)).unwrap_or(1);
+        let mut failure = UpstreamError::Connect(io::Error::new(
+            io::ErrorKind::NotFound,
+            "the upstream's name has no address",
+        ));
+        for address in addresses {
+            match tokio::time::timeout(share, TcpStream::connect(address)).await {
+                Ok(Ok(stream)) => return Ok(stream),
+                Ok(Err(e)) => failure = UpstreamError::Connect(e),
+                Err(_) => failure = UpstreamError::ConnectTimeout(self.connect_timeout),
+            }
+        }
+        Err(failure)
     }
 
     /// Closes connections idle for longer than the idle timeout, checked a
@@ -392,7 +416,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_request_an_idle_connection_could_not_take_goes_to_a_new_one() {
+    async fn an_upstream_that_closes_after_every_response_is_dialled_again() {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let pool = UpstreamPool::new(&upstream(listener.local_addr().expect("addr")), WAIT);
         let upstream = tokio::spawn(async move {
@@ -412,6 +436,39 @@ mod tests {
             assert_eq!(body_of(response).await, "ok");
         }
         upstream.await.expect("upstream");
+    }
+
+    #[tokio::test]
+    async fn a_connect_that_hangs_times_out() {
+        // A listener whose accept queue is full drops further SYNs, so a
+        // connection to it neither opens nor fails.
+        let listener = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
+        listener.bind(&any.into()).expect("bind");
+        listener.listen(0).expect("listen");
+        let addr = listener
+            .local_addr()
+            .expect("addr")
+            .as_socket()
+            .expect("inet");
+        let mut queued = Vec::new();
+        for _ in 0..8 {
+            match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await {
+                Ok(connected) => queued.push(connected.expect("connect")),
+                Err(_) => break,
+            }
+        }
+        let pool = UpstreamPool::new(&upstream(addr), Duration::from_secs(1));
+        let started = Instant::now();
+        let error = pool.send(get("/")).await.err().expect("an error");
+        assert!(matches!(error, UpstreamError::ConnectTimeout(_)), "{error}");
+        assert_eq!(error.to_string(), "no connection within 1 s");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
     }
 
     #[tokio::test]
