@@ -335,6 +335,15 @@ mod tests {
         Some(String::from_utf8_lossy(&head).into_owned())
     }
 
+    /// Answers one request with `200` and `body`.
+    async fn respond(socket: &mut TcpStream, body: &str) {
+        let reply = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        socket.write_all(reply.as_bytes()).await.expect("write");
+    }
+
     async fn body_of(response: Response<PooledBody>) -> Bytes {
         response
             .into_body()
@@ -368,10 +377,7 @@ mod tests {
                 head.starts_with(&format!("GET {path} HTTP/1.1\r\n")),
                 "{head}"
             );
-            socket
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                .await
-                .expect("write");
+            respond(&mut socket, "ok").await;
         }
         client.await.expect("client");
         // Both requests came on the one connection; now idle, it is closed
@@ -407,10 +413,7 @@ mod tests {
         let (mut second, _) = listener.accept().await.expect("accept");
         let head = read_head(&mut second).await.expect("a request");
         assert!(head.starts_with("GET /next HTTP/1.1\r\n"), "{head}");
-        second
-            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nnext")
-            .await
-            .expect("write");
+        respond(&mut second, "next").await;
         client.await.expect("client");
         assert_eq!(read_head(&mut first).await, None);
     }
@@ -425,10 +428,7 @@ mod tests {
             for _ in 0..3 {
                 let (mut socket, _) = listener.accept().await.expect("accept");
                 read_head(&mut socket).await.expect("a request");
-                socket
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .await
-                    .expect("write");
+                respond(&mut socket, "ok").await;
             }
         });
         for _ in 0..3 {
