@@ -10,7 +10,8 @@
 # with 16 connections. The proxy runs under `valgrind --tool=cachegrind`
 # twice, for N1 and N2 requests; the difference divided by N2 - N1 is the
 # cost of one request with start-up and shutdown cancelled out.
-# ACCESS_LOG=off measures without the access log file; CONNS=N drives it
+# ACCESS_LOG=off measures without the access log file; RATE_LIMIT=on with
+# the rate limiter on (a limit the run never reaches); CONNS=N drives it
 # with N connections instead of 16.
 # Needs valgrind and h2load (Debian: valgrind, nghttp2-client) and
 # `cargo build --release --example bench_upstream`.
@@ -19,6 +20,7 @@ set -euo pipefail
 N1=${N1:-2000}
 N2=${N2:-10000}
 ACCESS_LOG=${ACCESS_LOG:-on}
+RATE_LIMIT=${RATE_LIMIT:-off}
 UPSTREAM_BIN=${UPSTREAM_BIN:-target/release/examples/bench_upstream}
 [ $# -ge 1 ] || { echo "usage: $0 BINARY [BINARY ...]" >&2; exit 2; }
 
@@ -61,7 +63,11 @@ $([ "$ACCESS_LOG" = off ] || echo "access_log = \"$tmp/access.log\"")
 [server.tls]
 mode = "off"
 [rate_limit]
-enabled = false
+$(if [ "$RATE_LIMIT" = on ]; then
+    printf 'requests_per_second = 1000000\nburst = 1000000\n'
+else
+    echo 'enabled = false'
+fi)
 [[sites]]
 host = "bench.test"
 upstream = "http://127.0.0.1:$upstream_port"

@@ -12,21 +12,15 @@
 
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv6Addr};
-use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::Request;
 use axum::response::Response;
+use dashmap::DashMap;
 use futures_util::future::{Either, Ready, ready};
-use governor::clock::{Clock, MonotonicClock, Reference};
-use governor::middleware::NoOpMiddleware;
-use governor::nanos::Nanos;
-use governor::state::StateStore;
-use governor::state::keyed::{DashMapStateStore, ShrinkableKeyedStateStore};
-use governor::{Quota, RateLimiter};
 use http::header::{CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, StatusCode};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -41,26 +35,47 @@ use crate::proxy::access::count_rate_limited;
 use crate::proxy::host::request_host;
 use crate::state::AppState;
 
+/// Where a limiter reads the time: nanoseconds since it was created.
+pub trait Clock: Send + Sync {
+    fn nanos(&self) -> u64;
+}
+
+/// The kernel's monotonic clock (`std::time::Instant`).
+///
+/// Not the CPU's time-stamp counter read directly: requests are checked on
+/// several worker threads, and on virtual machines the counter read on one
+/// CPU can be behind another's by a microsecond or more. The kernel's
+/// monotonic clock never goes back across CPUs, which [`Limiter::check`]
+/// relies on.
+pub struct MonotonicClock(std::time::Instant);
+
+impl Default for MonotonicClock {
+    fn default() -> Self {
+        Self(std::time::Instant::now())
+    }
+}
+
+impl Clock for MonotonicClock {
+    fn nanos(&self) -> u64 {
+        u64::try_from(self.0.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
 /// Token buckets for every client seen recently, with the quota they are
 /// measured against.
 ///
-/// The clock is `std::time::Instant` rather than governor's default TSC
-/// clock (quanta): requests are checked on several worker threads, and on
-/// virtual machines the TSC read on one CPU can be behind another's by
-/// a microsecond or more. A request timed that way finds its client's last
-/// token "not yet" there, so a fresh client could get one request less than
-/// `burst + 1`. The kernel's monotonic clock never goes back across CPUs.
+/// Each bucket is one number, GCRA's "theoretical arrival time": the clock
+/// reading at which the bucket is full again (0 for a new client). A
+/// request at `now` takes a token if that time is at most `tolerance`
+/// ahead of `now`, and pushes it `interval` further.
 pub struct Limiter<C: Clock = MonotonicClock> {
-    limiter: RateLimiter<IpAddr, Buckets, C, NoOpMiddleware<C::Instant>>,
-    /// The same map the limiter updates, kept here so eviction can apply its
-    /// own age: governor's `RateLimiter::retain_recent` only knows "as good
-    /// as fresh", which ignores `eviction_age_secs`.
-    buckets: Buckets,
-    /// Read just after the limiter took its own start time. Bucket states
-    /// are times relative to that start; measuring from this slightly later
-    /// instant can only make eviction keep a client longer, never drop one
-    /// early.
-    start: C::Instant,
+    buckets: DashMap<IpAddr, AtomicU64>,
+    clock: C,
+    /// Nanoseconds for one token to come back (1 s / requests_per_second).
+    interval: u64,
+    /// How far ahead a full bucket may be pushed: `burst` intervals, so a
+    /// fresh client gets `burst + 1` requests at once.
+    tolerance: u64,
     shape: Shape,
     ipv6_mask: u128,
 }
@@ -105,7 +120,7 @@ impl Limiter {
     pub fn from_settings(settings: &RateLimitSettings) -> Option<Self> {
         settings
             .enabled
-            .then(|| Self::with_clock(settings, MonotonicClock))
+            .then(|| Self::with_clock(settings, MonotonicClock::default()))
     }
 }
 
@@ -113,18 +128,12 @@ impl<C: Clock> Limiter<C> {
     /// A limiter on `clock` (tests use a fake one), whatever `enabled` says.
     pub fn with_clock(settings: &RateLimitSettings, clock: C) -> Self {
         let shape = Shape::of(settings);
-        let rate = NonZeroU32::new(shape.requests_per_second).unwrap_or(NonZeroU32::MIN);
-        // nginx admits the request that finds the bucket full plus `burst`
-        // more; governor's burst is the whole capacity.
-        let capacity = NonZeroU32::new(shape.burst.saturating_add(1)).unwrap_or(NonZeroU32::MIN);
-        let quota = Quota::per_second(rate).allow_burst(capacity);
-        let buckets = Buckets::default();
-        let limiter = RateLimiter::new(quota, buckets.clone(), clock);
-        let start = limiter.clock().now();
+        let interval = 1_000_000_000 / u64::from(shape.requests_per_second.max(1));
         Self {
-            limiter,
-            buckets,
-            start,
+            buckets: DashMap::new(),
+            clock,
+            interval,
+            tolerance: interval.saturating_mul(u64::from(shape.burst)),
             shape,
             ipv6_mask: ipv6_mask(shape.ipv6_prefix_len),
         }
@@ -137,56 +146,63 @@ impl<C: Clock> Limiter<C> {
 
     /// Takes one token from `client`'s bucket, or says when one will be there.
     pub fn check(&self, client: IpAddr) -> Result<(), RetryAfter> {
-        self.limiter
-            .check_key(&bucket_key(client, self.ipv6_mask))
-            .map_err(|not_until| {
-                RetryAfter::from_wait(not_until.wait_time_from(self.limiter.clock().now()))
-            })
+        let key = bucket_key(client, self.ipv6_mask);
+        if let Some(bucket) = self.buckets.get(&key) {
+            return self.take(&bucket);
+        }
+        self.take(&self.buckets.entry(key).or_default())
+    }
+
+    /// The clock is read after every load of the bucket, so a request that
+    /// finds another one's update has a reading no earlier than the time
+    /// that update was made with. Reading it once up front would let two
+    /// requests that arrive together update in the opposite order to their
+    /// readings, and the one with the earlier reading would find the last
+    /// token of a burst "not yet" there.
+    fn take(&self, bucket: &AtomicU64) -> Result<(), RetryAfter> {
+        let mut full_at = bucket.load(Ordering::Acquire);
+        loop {
+            let now = self.clock.nanos();
+            let earliest = full_at.saturating_sub(self.tolerance);
+            if now < earliest {
+                return Err(RetryAfter::from_wait(Duration::from_nanos(earliest - now)));
+            }
+            let next = full_at.max(now).saturating_add(self.interval);
+            match bucket.compare_exchange_weak(full_at, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Ok(()),
+                Err(current) => full_at = current,
+            }
+        }
     }
 
     /// Drops every client with no admitted request for longer than `age`
     /// and gives the memory back. Returns how many clients are left.
     ///
-    /// A bucket's state is the time it will be full again, and it is only
-    /// dropped once that time is `age` in the past: the client has been idle
-    /// that long and its bucket is as good as fresh, so forgetting it never
-    /// hands an abusive client a new burst.
+    /// A bucket is only dropped once the time it is full again is `age` in
+    /// the past: the client has been idle that long and its bucket is as
+    /// good as fresh, so forgetting it never hands an abusive client a new
+    /// burst.
     pub fn evict(&self, age: Duration) -> usize {
-        let elapsed = self.limiter.clock().now().duration_since(self.start);
-        let drop_below = elapsed.saturating_sub(Nanos::from(age));
-        ShrinkableKeyedStateStore::retain_recent(&*self.buckets.0, drop_below);
-        ShrinkableKeyedStateStore::shrink_to_fit(&*self.buckets.0);
+        let age = u64::try_from(age.as_nanos()).unwrap_or(u64::MAX);
+        let drop_below = self.clock.nanos().saturating_sub(age);
+        self.buckets
+            .retain(|_, full_at| *full_at.get_mut() > drop_below);
+        self.buckets.shrink_to_fit();
         self.len()
     }
 
     /// Clients (or IPv6 prefixes) currently tracked.
     pub fn len(&self) -> usize {
-        ShrinkableKeyedStateStore::len(&*self.buckets.0)
+        self.buckets.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.buckets.is_empty()
     }
 
     /// Buckets the map has room for without growing; eviction shrinks it.
     pub fn capacity(&self) -> usize {
-        self.buckets.0.capacity()
-    }
-}
-
-/// governor's concurrent map of bucket states, shared between the limiter
-/// and [`Limiter::evict`].
-#[derive(Clone, Default)]
-struct Buckets(Arc<DashMapStateStore<IpAddr>>);
-
-impl StateStore for Buckets {
-    type Key = IpAddr;
-
-    fn measure_and_replace<T, F, E>(&self, key: &IpAddr, f: F) -> Result<T, E>
-    where
-        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
-    {
-        self.0.measure_and_replace(key, f)
+        self.buckets.capacity()
     }
 }
 
@@ -342,8 +358,52 @@ pub async fn evict_periodically(state: AppState) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use governor::clock::FakeRelativeClock;
     use std::net::Ipv4Addr;
+    use std::sync::mpsc;
+    use std::sync::{Arc, Mutex};
+
+    /// A clock that moves only when told to, or by `step` nanoseconds at
+    /// every reading, and can run a hook at its next reading.
+    #[derive(Clone, Default)]
+    struct TestClock(Arc<TestClockState>);
+
+    #[derive(Default)]
+    struct TestClockState {
+        now: AtomicU64,
+        step: u64,
+        on_next_read: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    }
+
+    impl TestClock {
+        fn stepping() -> Self {
+            Self(Arc::new(TestClockState {
+                step: 1,
+                ..TestClockState::default()
+            }))
+        }
+
+        fn advance(&self, by: Duration) {
+            let by = u64::try_from(by.as_nanos()).expect("short test durations");
+            self.0.now.fetch_add(by, Ordering::SeqCst);
+        }
+
+        /// Runs `hook` after the next reading is taken, before it is
+        /// returned: as if the reader were paused there.
+        fn on_next_read(&self, hook: impl FnOnce() + Send + 'static) {
+            *self.0.on_next_read.lock().expect("lock") = Some(Box::new(hook));
+        }
+    }
+
+    impl Clock for TestClock {
+        fn nanos(&self) -> u64 {
+            let now = self.0.now.fetch_add(self.0.step, Ordering::SeqCst);
+            let hook = self.0.on_next_read.lock().expect("lock").take();
+            if let Some(hook) = hook {
+                hook();
+            }
+            now
+        }
+    }
 
     fn settings(rps: u32, burst: u32) -> RateLimitSettings {
         RateLimitSettings {
@@ -360,13 +420,13 @@ mod tests {
         s.parse().expect("ip")
     }
 
-    fn admitted(limiter: &Limiter<FakeRelativeClock>, client: IpAddr, n: usize) -> usize {
+    fn admitted(limiter: &Limiter<TestClock>, client: IpAddr, n: usize) -> usize {
         (0..n).filter(|_| limiter.check(client).is_ok()).count()
     }
 
     #[test]
     fn nginx_burst_then_rate() {
-        let clock = FakeRelativeClock::default();
+        let clock = TestClock::default();
         let limiter = Limiter::with_clock(&settings(10, 20), clock.clone());
         let client = ip("203.0.113.7");
         assert_eq!(admitted(&limiter, client, 30), 21);
@@ -401,15 +461,48 @@ mod tests {
         }
     }
 
+    /// The deterministic form of the race above: a request reads the
+    /// clock, and before it updates the bucket another request takes a
+    /// token with a later reading. Both get one of the two tokens.
+    #[test]
+    fn a_request_overtaken_after_reading_the_clock_still_gets_its_token() {
+        let clock = TestClock::stepping();
+        let limiter = Limiter::with_clock(&settings(1, 1), clock.clone());
+        let client = ip("192.0.2.1");
+        // An existing client whose bucket has refilled: the check below
+        // finds it without creating it.
+        assert_eq!(admitted(&limiter, client, 1), 1);
+        clock.advance(Duration::from_secs(5));
+
+        let (overtake, overtaking) = mpsc::channel::<()>();
+        let (overtaken, done) = mpsc::channel::<()>();
+        std::thread::scope(|scope| {
+            let limiter = &limiter;
+            let other = scope.spawn(move || {
+                overtaking.recv().expect("signal");
+                let result = limiter.check(client);
+                overtaken.send(()).expect("signal");
+                result
+            });
+            clock.on_next_read(move || {
+                overtake.send(()).expect("signal");
+                done.recv().expect("signal");
+            });
+            assert_eq!(limiter.check(client), Ok(()), "the overtaken request");
+            assert_eq!(other.join().expect("thread"), Ok(()), "the other one");
+        });
+        assert_eq!(limiter.check(client), Err(RetryAfter(1)));
+    }
+
     #[test]
     fn burst_of_one_is_two_at_once() {
-        let limiter = Limiter::with_clock(&settings(1, 1), FakeRelativeClock::default());
+        let limiter = Limiter::with_clock(&settings(1, 1), TestClock::default());
         assert_eq!(admitted(&limiter, ip("192.0.2.1"), 10), 2);
     }
 
     #[test]
     fn retry_after_rounds_up_to_whole_seconds() {
-        let clock = FakeRelativeClock::default();
+        let clock = TestClock::default();
         let limiter = Limiter::with_clock(&settings(10, 1), clock.clone());
         let client = ip("192.0.2.1");
         assert_eq!(admitted(&limiter, client, 2), 2);
@@ -459,7 +552,7 @@ mod tests {
             bucket_key(ip("203.0.113.8"), mask)
         );
 
-        let limiter = Limiter::with_clock(&settings(1, 1), FakeRelativeClock::default());
+        let limiter = Limiter::with_clock(&settings(1, 1), TestClock::default());
         assert_eq!(admitted(&limiter, ip("::ffff:203.0.113.7"), 1), 1);
         assert_eq!(admitted(&limiter, ip("203.0.113.7"), 5), 1);
         assert_eq!(limiter.len(), 1);
@@ -467,7 +560,7 @@ mod tests {
 
     #[test]
     fn same_prefix_shares_and_other_prefix_does_not() {
-        let limiter = Limiter::with_clock(&settings(1, 1), FakeRelativeClock::default());
+        let limiter = Limiter::with_clock(&settings(1, 1), TestClock::default());
         assert_eq!(admitted(&limiter, ip("2001:db8:7::1"), 1), 1);
         assert_eq!(admitted(&limiter, ip("2001:db8:7::2"), 5), 1);
         assert_eq!(admitted(&limiter, ip("2001:db8:8::1"), 5), 2);
@@ -476,7 +569,7 @@ mod tests {
 
     #[test]
     fn eviction_drops_100k_idle_clients_and_shrinks() {
-        let clock = FakeRelativeClock::default();
+        let clock = TestClock::default();
         let limiter = Limiter::with_clock(&settings(10, 20), clock.clone());
         let hot = IpAddr::V4(Ipv4Addr::new(10, 255, 255, 255));
         for i in 0..100_000u32 {
@@ -512,7 +605,7 @@ mod tests {
 
     #[test]
     fn eviction_never_forgets_a_client_whose_bucket_is_not_full() {
-        let clock = FakeRelativeClock::default();
+        let clock = TestClock::default();
         let limiter = Limiter::with_clock(&settings(1, 20), clock.clone());
         let client = ip("192.0.2.9");
         assert_eq!(admitted(&limiter, client, 30), 21);
@@ -527,7 +620,7 @@ mod tests {
 
     #[test]
     fn reload_keeps_buckets_only_for_the_same_shape() {
-        let limiter = Limiter::with_clock(&settings(10, 20), FakeRelativeClock::default());
+        let limiter = Limiter::with_clock(&settings(10, 20), TestClock::default());
         let mut same = settings(10, 20);
         same.eviction_age = Duration::from_secs(5);
         same.eviction_interval = Duration::from_secs(1);
