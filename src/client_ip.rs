@@ -11,11 +11,6 @@ use ipnet::IpNet;
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
-/// The client's address for one request, worked out once by the
-/// rate-limit layer and left in the request's extensions for the proxy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClientIp(pub IpAddr);
-
 /// An address as users think of it: `::ffff:203.0.113.7` is `203.0.113.7`.
 pub fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())

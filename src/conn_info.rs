@@ -1,6 +1,7 @@
 //! What the listener knows about a connection that its requests need: the
 //! peer's address and whether TLS was used (and for which name). The
-//! listener attaches it to every request as an extension.
+//! listener hands it to the proxy pipeline with every request, and to the
+//! redirect and admin routers as a request extension.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

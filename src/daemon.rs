@@ -14,7 +14,7 @@ use crate::config::{Config, StaticConfig, TlsConfig};
 use crate::metrics::{Metrics, MetricsError};
 use crate::ratelimit;
 use crate::redirect;
-use crate::router::router;
+use crate::router::Pipeline;
 use crate::server::{Server, listener};
 use crate::state::AppState;
 use crate::tls::{self, Certificates, Tls, TlsError};
@@ -98,7 +98,7 @@ impl Running {
 
         let state = AppState::new(dynamic, metrics.clone());
         background.spawn(ratelimit::evict_periodically(state.clone()));
-        let server = Server::with_metrics(&settings, router(state.clone()), metrics.clone());
+        let server = Server::with_metrics(&settings, Pipeline::new(state.clone()), metrics.clone());
         let mut tasks = JoinSet::new();
         match &tls {
             None => {

@@ -10,30 +10,24 @@
 //! background task drops clients that have been idle for
 //! `eviction_age_secs`, so memory stays bounded under floods of addresses.
 
-use std::convert::Infallible;
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::Request;
 use axum::response::Response;
 use dashmap::DashMap;
-use futures_util::future::{Either, Ready, ready};
 use http::header::{CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, StatusCode};
 use tokio::time::{Instant, MissedTickBehavior};
-use tower::{Layer, Service};
 use tracing::{debug, warn};
 
-use crate::client_ip::{ClientIp, client_ip};
 use crate::config::RateLimitSettings;
-use crate::conn_info::ConnInfo;
 use crate::logging::ACCESS;
 use crate::proxy::access::count_rate_limited;
 use crate::proxy::host::request_host;
-use crate::state::AppState;
+use crate::state::{AppState, Snapshot};
 
 /// Where a limiter reads the time: nanoseconds since it was created.
 pub trait Clock: Send + Sync {
@@ -222,74 +216,20 @@ pub fn ipv6_mask(prefix_len: u8) -> u128 {
         .unwrap_or(0)
 }
 
-/// Puts the rate limit in front of a service (the proxy handler). It also
-/// works out the client IP once and leaves it in the request's extensions
-/// as [`ClientIp`], so the proxy logs and forwards the address that was
-/// limited.
-#[derive(Clone)]
-pub struct RateLimitLayer {
-    state: AppState,
-}
-
-impl RateLimitLayer {
-    pub fn new(state: AppState) -> Self {
-        Self { state }
-    }
-}
-
-impl<S> Layer<S> for RateLimitLayer {
-    type Service = RateLimit<S>;
-
-    fn layer(&self, inner: S) -> RateLimit<S> {
-        RateLimit {
-            inner,
-            state: self.state.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct RateLimit<S> {
-    inner: S,
-    state: AppState,
-}
-
-impl<S> Service<Request> for RateLimit<S>
-where
-    S: Service<Request, Response = Response, Error = Infallible>,
-{
-    type Response = Response;
-    type Error = Infallible;
-    type Future = Either<Ready<Result<Response, Infallible>>, S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request) -> Self::Future {
-        let Some(peer) = req.extensions().get::<ConnInfo>().map(|c| c.peer.ip()) else {
-            // Not from a listener; the handler answers that itself.
-            return Either::Right(self.inner.call(req));
-        };
-        let snapshot = self.state.snapshot();
-        let client = client_ip(peer, req.headers(), &snapshot.config.proxy.trusted_proxies);
-        if let Some(limiter) = &snapshot.limiter {
-            if let Err(retry) = limiter.check(client) {
-                let host = request_host(&req).ok().map(|h| h.name);
-                log_refusal(client, host.as_deref(), req.uri().path());
-                let response = count_rate_limited(
-                    &snapshot,
-                    host.as_deref(),
-                    req.method(),
-                    std::time::Instant::now(),
-                    too_many_requests(retry),
-                );
-                return Either::Left(ready(Ok(response)));
-            }
-        }
-        req.extensions_mut().insert(ClientIp(client));
-        Either::Right(self.inner.call(req))
-    }
+/// Takes a token from `client`'s bucket for `req`, or, when it has none
+/// left, logs the refusal and returns the `429` to answer instead. `None`
+/// also when rate limiting is off.
+pub fn refuse(snapshot: &Snapshot, client: IpAddr, req: &Request) -> Option<Response> {
+    let retry = snapshot.limiter.as_ref()?.check(client).err()?;
+    let host = request_host(req).ok().map(|h| h.name);
+    log_refusal(client, host.as_deref(), req.uri().path());
+    Some(count_rate_limited(
+        snapshot,
+        host.as_deref(),
+        req.method(),
+        std::time::Instant::now(),
+        too_many_requests(retry),
+    ))
 }
 
 fn log_refusal(client: IpAddr, host: Option<&str>, path: &str) {

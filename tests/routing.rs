@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use axum::body::Body;
-use common::{ProxyProcess, Upstream, config, get, raw, status_of};
+use common::{ProxyProcess, Upstream, config, get, header_of, raw, status_of};
 
 #[tokio::test]
 async fn routes_by_host_case_insensitive_and_with_port() {
@@ -147,4 +147,44 @@ async fn health_answers_for_any_host_without_upstreams() {
     .await;
     assert_eq!(status_of(&out), Some(200), "{out}");
     assert_eq!(a.hits(), 0);
+}
+
+#[tokio::test]
+async fn health_is_exactly_one_path_for_get_and_head() {
+    let a = Upstream::echo("site-a").await;
+    let proxy = ProxyProcess::start(&config(&[("a.test", &a.url())], "", ""));
+    let ask = |request: &'static str| {
+        let request = format!("{request}\r\nHost: a.test\r\nConnection: close\r\n\r\n");
+        async move { raw(proxy.addr, request.as_bytes(), Duration::from_secs(5)).await }
+    };
+
+    for request in ["HEAD /health HTTP/1.1", "GET /health?probe=1 HTTP/1.1"] {
+        let out = ask(request).await;
+        assert_eq!(status_of(&out), Some(200), "{request}: {out}");
+        assert_eq!(
+            header_of(&out, "content-length").as_deref(),
+            Some("0"),
+            "{out}"
+        );
+    }
+    let out = ask("POST /health HTTP/1.1").await;
+    assert_eq!(status_of(&out), Some(405), "{out}");
+    assert_eq!(
+        header_of(&out, "allow").as_deref(),
+        Some("GET,HEAD"),
+        "{out}"
+    );
+    assert_eq!(a.hits(), 0);
+
+    // Anything else under that name belongs to the site.
+    for path in ["/health/", "/healthz", "/Health", "/%68ealth"] {
+        let r = get(proxy.addr, "a.test", path).await;
+        assert_eq!(r.status, 200, "{path}");
+        assert!(
+            r.text().starts_with(&format!("site-a\nGET {path}\n")),
+            "{}",
+            r.text()
+        );
+    }
+    assert_eq!(a.hits(), 4);
 }

@@ -13,39 +13,32 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, Uri, Version, header};
 use tracing::{info, warn};
 
 use crate::body_timeout::BodyStalled;
-use crate::client_ip::{ClientIp, client_ip};
 use crate::conn_info::ConnInfo;
 use crate::logging::ACCESS;
 use crate::metrics::{SiteMetrics, UpstreamErrorKind};
-use crate::state::AppState;
+use crate::state::{AppState, Snapshot};
 use access::{CountedBody, Exchange};
 use host::{RequestHost, request_host};
 use pool::{PooledBody, UpstreamError, UpstreamPool};
 
-/// Serves one proxied request.
-pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
+/// Serves one proxied request from `client` (the address the rate limit
+/// counted it against), with the configuration `snapshot` it was counted
+/// under.
+pub async fn handle(
+    state: &AppState,
+    snapshot: &Snapshot,
+    conn: &ConnInfo,
+    client: IpAddr,
+    req: Request,
+) -> Response {
     let started = Instant::now();
-    let Some(conn) = req.extensions().get::<ConnInfo>().cloned() else {
-        // Every listener attaches ConnInfo; without it the request did not
-        // come through one, which is a programming error, not a client's.
-        return plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error\n");
-    };
-    let snapshot = state.snapshot();
-    let client = match req.extensions().get::<ClientIp>() {
-        Some(ClientIp(ip)) => *ip,
-        None => client_ip(
-            conn.peer.ip(),
-            req.headers(),
-            &snapshot.config.proxy.trusted_proxies,
-        ),
-    };
-    let exchange = Exchange::new(&req, &conn, client, started);
+    let exchange = Exchange::new(&req, conn, client, started);
     if !headers::transfer_coding_is_chunked_only(req.headers()) {
         // hyper has decoded the chunked framing; any other coding would be
         // lost on the way to the upstream, which would misread the body.
@@ -86,12 +79,12 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
     };
     let upstream = Some(pool.authority().clone());
     match forward(
-        &state,
-        &snapshot,
+        state,
+        snapshot,
         pool,
         metrics.as_deref(),
         &host,
-        &conn,
+        conn,
         client,
         req,
     )
@@ -107,7 +100,7 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     state: &AppState,
-    snapshot: &crate::state::Snapshot,
+    snapshot: &Snapshot,
     pool: &Arc<UpstreamPool>,
     metrics: Option<&SiteMetrics>,
     host: &RequestHost,

@@ -64,6 +64,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Body;
+use futures_util::FutureExt;
 use futures_util::future::Either;
 use http::Request;
 use hyper::body::Incoming;
@@ -86,6 +88,7 @@ use crate::client_ip::canonical;
 use crate::config::StaticConfig;
 use crate::conn_info::ConnInfo;
 use crate::metrics::{Metrics, TlsHandshake};
+use crate::router::Pipeline;
 use crate::tls::{Tls, handshake};
 use activity::{Activity, TrackedBody, TrackedIo};
 use framing::FramingGuard;
@@ -105,6 +108,28 @@ const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(5);
 const INITIAL_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
+/// What a server answers requests with.
+#[derive(Clone)]
+pub enum App {
+    /// The public listener's pipeline, on every proxied request's path.
+    Proxy(Pipeline),
+    /// A small axum router (the redirect and admin listeners), which finds
+    /// the connection's [`ConnInfo`] in the request's extensions.
+    Router(Router),
+}
+
+impl From<Pipeline> for App {
+    fn from(pipeline: Pipeline) -> Self {
+        Self::Proxy(pipeline)
+    }
+}
+
+impl From<Router> for App {
+    fn from(router: Router) -> Self {
+        Self::Router(router)
+    }
+}
+
 /// Serves connections for one or more listeners and drains them on stop.
 #[derive(Clone)]
 pub struct Server {
@@ -114,7 +139,7 @@ pub struct Server {
 struct Inner {
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
-    router: Router,
+    app: App,
     idle_timeout: Duration,
     body_read_timeout: Duration,
     max_header_bytes: usize,
@@ -148,14 +173,14 @@ impl Drop for Waiting<'_> {
 }
 
 impl Server {
-    pub fn new(settings: &StaticConfig, router: Router) -> Self {
-        Self::with_metrics(settings, router, None)
+    pub fn new(settings: &StaticConfig, app: impl Into<App>) -> Self {
+        Self::with_metrics(settings, app, None)
     }
 
     /// A server whose connections are counted in `metrics`.
     pub fn with_metrics(
         settings: &StaticConfig,
-        router: Router,
+        app: impl Into<App>,
         metrics: Option<Arc<Metrics>>,
     ) -> Self {
         let mut http1 = http1::Builder::new();
@@ -196,7 +221,7 @@ impl Server {
             inner: Arc::new(Inner {
                 http1,
                 http2,
-                router,
+                app: app.into(),
                 idle_timeout: settings.idle_timeout,
                 body_read_timeout: settings.body_read_timeout,
                 max_header_bytes: settings.max_header_bytes,
@@ -378,19 +403,25 @@ impl Server {
                 return;
             }
         };
-        let router = inner.router.clone();
+        let app = inner.app.clone();
         let requests = Arc::clone(&activity);
         let body_read_timeout = inner.body_read_timeout;
         let service = service_fn(move |req: Request<Incoming>| {
-            let mut req = req.map(|body| TimedBody::new(body, body_read_timeout));
-            req.extensions_mut().insert(info.clone());
+            let req = req.map(|body| Body::new(TimedBody::new(body, body_read_timeout)));
             let in_flight = requests.start_request();
-            let response = router.clone().oneshot(req);
+            let response = match &app {
+                App::Proxy(pipeline) => Either::Left(pipeline.clone().serve(info.clone(), req)),
+                App::Router(router) => {
+                    let mut req = req;
+                    req.extensions_mut().insert(info.clone());
+                    Either::Right(router.clone().oneshot(req).map(|response| match response {
+                        Ok(response) => response,
+                        Err(never) => match never {},
+                    }))
+                }
+            };
             async move {
-                let response = match response.await {
-                    Ok(response) => response,
-                    Err(never) => match never {},
-                };
+                let response = response.await;
                 Ok::<_, Infallible>(response.map(|inner| TrackedBody::new(inner, in_flight)))
             }
         });
