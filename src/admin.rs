@@ -1,7 +1,7 @@
 //! The admin listener (`[admin] bind_addr`): Prometheus `/metrics`,
 //! `/health` and `/health/ready`. It has a socket of its own, so none of
-//! this is reachable through the public listeners, whose router has no such
-//! routes.
+//! this is reachable through the public listeners, whose pipeline has no
+//! such routes.
 //!
 //! Readiness means: the configuration is loaded (it always is once the
 //! process serves), the public listeners still accept (not shutting down),

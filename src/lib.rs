@@ -8,7 +8,7 @@
 //!   parses it, timeouts, idle close, graceful drain.
 //! - [`tls`]: the TLS handshake on the main listener, certificates from
 //!   ACME or from files chosen by SNI.
-//! - [`router`]: the request pipeline: `/health`, then the proxy.
+//! - [`router`]: the request pipeline: `/health`, the rate limit, the proxy.
 //! - [`client_ip`]: who the client is (trusted proxies, `X-Forwarded-For`).
 //! - [`ratelimit`]: per-client token buckets in front of the proxy (`429`).
 //! - [`proxy`]: host routing, header rewriting, streaming to the upstream,

@@ -122,7 +122,8 @@ impl<C: Clock> Limiter<C> {
     /// A limiter on `clock` (tests use a fake one), whatever `enabled` says.
     pub fn with_clock(settings: &RateLimitSettings, clock: C) -> Self {
         let shape = Shape::of(settings);
-        let interval = 1_000_000_000 / u64::from(shape.requests_per_second.max(1));
+        // At least a nanosecond: a zero interval would admit everything.
+        let interval = (1_000_000_000 / u64::from(shape.requests_per_second.max(1))).max(1);
         Self {
             buckets: DashMap::new(),
             clock,
@@ -302,6 +303,9 @@ mod tests {
     use std::sync::mpsc;
     use std::sync::{Arc, Mutex};
 
+    /// How long the race test waits for either of its two requests.
+    const WAIT: Duration = Duration::from_secs(10);
+
     /// A clock that moves only when told to, or by `step` nanoseconds at
     /// every reading, and can run a hook at its next reading.
     #[derive(Clone, Default)]
@@ -419,14 +423,18 @@ mod tests {
         std::thread::scope(|scope| {
             let limiter = &limiter;
             let other = scope.spawn(move || {
-                overtaking.recv().expect("signal");
+                overtaking
+                    .recv_timeout(WAIT)
+                    .expect("paused request's signal");
                 let result = limiter.check(client);
-                overtaken.send(()).expect("signal");
+                overtaken.send(()).expect("signal back");
                 result
             });
             clock.on_next_read(move || {
                 overtake.send(()).expect("signal");
-                done.recv().expect("signal");
+                // Bounded: were the other request ever to wait for this
+                // one's lock, the test fails instead of hanging.
+                done.recv_timeout(WAIT).expect("the other request finished");
             });
             assert_eq!(limiter.check(client), Ok(()), "the overtaken request");
             assert_eq!(other.join().expect("thread"), Ok(()), "the other one");

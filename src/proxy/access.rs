@@ -87,7 +87,7 @@ struct Line {
     upstream: Option<Authority>,
 }
 
-/// Counts a response that a layer in front of the proxy made itself — the
+/// Counts a response that the pipeline made before the proxy — the
 /// rate limiter's 429, which logs its own `RATE_LIMIT` line instead of
 /// `REQUEST` — in `rate_limited_total` and in the per-site request
 /// metrics. `host` is the lower-cased host the client asked for.

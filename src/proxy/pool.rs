@@ -110,7 +110,9 @@ impl UpstreamPool {
         loop {
             let (mut sender, reused) = match self.checkout() {
                 Some(sender) => (sender, true),
-                None => (self.connect().await?, false),
+                // Boxed: dialling (name lookup, TCP connect, handshake) is most
+                // of this future's size, and most requests never get there.
+                None => (Box::pin(self.connect()).await?, false),
             };
             match sender.try_send_request(req).await {
                 Ok(response) => {

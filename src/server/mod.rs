@@ -406,7 +406,7 @@ impl Server {
         let app = inner.app.clone();
         let requests = Arc::clone(&activity);
         let body_read_timeout = inner.body_read_timeout;
-        let service = service_fn(move |req: Request<Incoming>| {
+        let serve = move |req: Request<Incoming>| {
             let req = req.map(|body| Body::new(TimedBody::new(body, body_read_timeout)));
             let in_flight = requests.start_request();
             let response = match &app {
@@ -424,12 +424,22 @@ impl Server {
                 let response = response.await;
                 Ok::<_, Infallible>(response.map(|inner| TrackedBody::new(inner, in_flight)))
             }
-        });
+        };
         let conn = match version {
-            Version::Http1 => {
-                Either::Left(inner.http1.serve_connection(io, service).with_upgrades())
-            }
-            Version::Http2 => Either::Right(inner.http2.serve_connection(io, service)),
+            Version::Http1 => Either::Left(
+                inner
+                    .http1
+                    .serve_connection(io, service_fn(serve))
+                    .with_upgrades(),
+            ),
+            // Boxed for HTTP/2 only: a request's future is several
+            // kilobytes, and hyper moves each stream's into a task of its
+            // own, copying it on the way. HTTP/1 keeps it in place.
+            Version::Http2 => Either::Right(
+                inner
+                    .http2
+                    .serve_connection(io, service_fn(move |req| Box::pin(serve(req)))),
+            ),
         };
         tokio::pin!(conn);
         // Set once the connection was asked to close because it was idle:
@@ -518,20 +528,23 @@ impl Server {
     }
 }
 
-/// hyper's connection for whichever version the client speaks.
-type HttpConnection<I, S, E> =
-    Either<http1::UpgradeableConnection<I, S>, http2::Connection<I, S, E>>;
+/// hyper's connection for whichever version the client speaks, with the
+/// service each version gets (`S1` for HTTP/1, `S2` for HTTP/2).
+type HttpConnection<I, S1, S2, E> =
+    Either<http1::UpgradeableConnection<I, S1>, http2::Connection<I, S2, E>>;
 
 /// Asks an HTTP/1 connection to close after its current response, or an
 /// HTTP/2 one to send GOAWAY and finish its open streams.
-fn graceful_shutdown<I, S, E, B>(conn: Pin<&mut HttpConnection<I, S, E>>)
+fn graceful_shutdown<I, S1, S2, E, B>(conn: Pin<&mut HttpConnection<I, S1, S2, E>>)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: HttpService<Incoming, ResBody = B>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S1: HttpService<Incoming, ResBody = B>,
+    S1::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S2: HttpService<Incoming, ResBody = B>,
+    S2::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     B: http_body::Body + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    E: Http2ServerConnExec<S::Future, B>,
+    E: Http2ServerConnExec<S2::Future, B>,
 {
     match conn.as_pin_mut() {
         Either::Left(http1) => http1.graceful_shutdown(),
