@@ -406,11 +406,17 @@ impl Server {
         let app = inner.app.clone();
         let requests = Arc::clone(&activity);
         let body_read_timeout = inner.body_read_timeout;
-        let serve = move |req: Request<Incoming>| {
+        let service = service_fn(move |req: Request<Incoming>| {
             let req = req.map(|body| Body::new(TimedBody::new(body, body_read_timeout)));
             let in_flight = requests.start_request();
             let response = match &app {
-                App::Proxy(pipeline) => Either::Left(pipeline.clone().serve(info.clone(), req)),
+                // Boxed: the pipeline's future is about 5 KiB. Unboxed, HTTP/1
+                // would keep a slot that size for it in every connection,
+                // idle ones too, and HTTP/2 would copy it into each
+                // stream's task.
+                App::Proxy(pipeline) => {
+                    Either::Left(Box::pin(pipeline.clone().serve(info.clone(), req)))
+                }
                 App::Router(router) => {
                     let mut req = req;
                     req.extensions_mut().insert(info.clone());
@@ -424,22 +430,12 @@ impl Server {
                 let response = response.await;
                 Ok::<_, Infallible>(response.map(|inner| TrackedBody::new(inner, in_flight)))
             }
-        };
+        });
         let conn = match version {
-            Version::Http1 => Either::Left(
-                inner
-                    .http1
-                    .serve_connection(io, service_fn(serve))
-                    .with_upgrades(),
-            ),
-            // Boxed for HTTP/2 only: a request's future is several
-            // kilobytes, and hyper moves each stream's into a task of its
-            // own, copying it on the way. HTTP/1 keeps it in place.
-            Version::Http2 => Either::Right(
-                inner
-                    .http2
-                    .serve_connection(io, service_fn(move |req| Box::pin(serve(req)))),
-            ),
+            Version::Http1 => {
+                Either::Left(inner.http1.serve_connection(io, service).with_upgrades())
+            }
+            Version::Http2 => Either::Right(inner.http2.serve_connection(io, service)),
         };
         tokio::pin!(conn);
         // Set once the connection was asked to close because it was idle:
@@ -528,23 +524,20 @@ impl Server {
     }
 }
 
-/// hyper's connection for whichever version the client speaks, with the
-/// service each version gets (`S1` for HTTP/1, `S2` for HTTP/2).
-type HttpConnection<I, S1, S2, E> =
-    Either<http1::UpgradeableConnection<I, S1>, http2::Connection<I, S2, E>>;
+/// hyper's connection for whichever version the client speaks.
+type HttpConnection<I, S, E> =
+    Either<http1::UpgradeableConnection<I, S>, http2::Connection<I, S, E>>;
 
 /// Asks an HTTP/1 connection to close after its current response, or an
 /// HTTP/2 one to send GOAWAY and finish its open streams.
-fn graceful_shutdown<I, S1, S2, E, B>(conn: Pin<&mut HttpConnection<I, S1, S2, E>>)
+fn graceful_shutdown<I, S, E, B>(conn: Pin<&mut HttpConnection<I, S, E>>)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S1: HttpService<Incoming, ResBody = B>,
-    S1::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    S2: HttpService<Incoming, ResBody = B>,
-    S2::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     B: http_body::Body + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    E: Http2ServerConnExec<S2::Future, B>,
+    E: Http2ServerConnExec<S::Future, B>,
 {
     match conn.as_pin_mut() {
         Either::Left(http1) => http1.graceful_shutdown(),
