@@ -362,13 +362,19 @@ impl Server {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let server = self.clone();
+        // A task keeps the largest state its future ever has for as long as
+        // it lives, and an async fn keeps its arguments beside their moved
+        // copies. Boxed here, the stream (over 1 KiB with TLS) is a pointer
+        // in that state, and an idle connection is not charged for it twice
+        // or more.
+        let io = Box::new(io);
         self.inner.connections.spawn(async move {
             server.connection(io, info).await;
             drop(permit);
         });
     }
 
-    async fn connection<I>(&self, io: I, info: ConnInfo)
+    async fn connection<I>(&self, io: Box<I>, info: ConnInfo)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -431,13 +437,14 @@ impl Server {
                 Ok::<_, Infallible>(response.map(|inner| TrackedBody::new(inner, in_flight)))
             }
         });
-        let conn = match version {
-            Version::Http1 => {
-                Either::Left(inner.http1.serve_connection(io, service).with_upgrades())
-            }
-            Version::Http2 => Either::Right(inner.http2.serve_connection(io, service)),
+        // Each version's connection in its own box, so that an HTTP/1 one
+        // (the common case) is not the size of the larger HTTP/2 one.
+        let mut conn: HttpConnection<_, _, _> = match version {
+            Version::Http1 => Either::Left(Box::pin(
+                inner.http1.serve_connection(io, service).with_upgrades(),
+            )),
+            Version::Http2 => Either::Right(Box::pin(inner.http2.serve_connection(io, service))),
         };
-        tokio::pin!(conn);
         // Set once the connection was asked to close because it was idle:
         // past this instant, if it is still idle, it is dropped.
         let mut drop_at: Option<Instant> = None;
@@ -454,7 +461,7 @@ impl Server {
             };
             let check = stall.map_or(check, |stall| stall.min(check));
             tokio::select! {
-                result = conn.as_mut() => {
+                result = &mut conn => {
                     if let Err(e) = result {
                         debug!(%peer, "connection: {e}");
                     }
@@ -480,14 +487,14 @@ impl Server {
                         return;
                     } else {
                         if !closing {
-                            graceful_shutdown(conn.as_mut());
+                            graceful_shutdown(&mut conn);
                             closing = true;
                         }
                         drop_at = Some(Instant::now() + IDLE_CLOSE_GRACE);
                     }
                 }
                 () = inner.stop.cancelled(), if !closing => {
-                    graceful_shutdown(conn.as_mut());
+                    graceful_shutdown(&mut conn);
                     closing = true;
                 }
                 () = inner.kill.cancelled() => return,
@@ -526,11 +533,11 @@ impl Server {
 
 /// hyper's connection for whichever version the client speaks.
 type HttpConnection<I, S, E> =
-    Either<http1::UpgradeableConnection<I, S>, http2::Connection<I, S, E>>;
+    Either<Pin<Box<http1::UpgradeableConnection<I, S>>>, Pin<Box<http2::Connection<I, S, E>>>>;
 
 /// Asks an HTTP/1 connection to close after its current response, or an
 /// HTTP/2 one to send GOAWAY and finish its open streams.
-fn graceful_shutdown<I, S, E, B>(conn: Pin<&mut HttpConnection<I, S, E>>)
+fn graceful_shutdown<I, S, E, B>(conn: &mut HttpConnection<I, S, E>)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     S: HttpService<Incoming, ResBody = B>,
@@ -539,9 +546,9 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     E: Http2ServerConnExec<S::Future, B>,
 {
-    match conn.as_pin_mut() {
-        Either::Left(http1) => http1.graceful_shutdown(),
-        Either::Right(http2) => http2.graceful_shutdown(),
+    match conn {
+        Either::Left(http1) => http1.as_mut().graceful_shutdown(),
+        Either::Right(http2) => http2.as_mut().graceful_shutdown(),
     }
 }
 
