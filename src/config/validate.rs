@@ -613,7 +613,8 @@ pub fn host_matches(pattern: &str, host: &str) -> bool {
     }
 }
 
-/// Checks a lower-cased DNS name (RFC 1123 labels).
+/// Checks a lower-cased DNS name (RFC 1123 labels). Every request's host is
+/// checked here too, hence bytes rather than `str` searching.
 pub fn check_dns_name(name: &str) -> Result<(), &'static str> {
     if name.is_empty() {
         return Err("empty");
@@ -621,7 +622,7 @@ pub fn check_dns_name(name: &str) -> Result<(), &'static str> {
     if name.len() > 253 {
         return Err("longer than 253 characters");
     }
-    for label in name.split('.') {
+    for label in name.as_bytes().split(|&b| b == b'.') {
         if label.is_empty() {
             return Err("empty label");
         }
@@ -629,12 +630,12 @@ pub fn check_dns_name(name: &str) -> Result<(), &'static str> {
             return Err("label longer than 63 characters");
         }
         if !label
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            .iter()
+            .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         {
             return Err("only letters, digits, '-' and '.' are allowed (no port, scheme or path)");
         }
-        if label.starts_with('-') || label.ends_with('-') {
+        if label.starts_with(b"-") || label.ends_with(b"-") {
             return Err("a label must not start or end with '-'");
         }
     }

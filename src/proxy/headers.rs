@@ -98,7 +98,7 @@ pub fn set_forwarding(
     peer: IpAddr,
     client: IpAddr,
     https: bool,
-    host: &str,
+    host: &HeaderValue,
 ) {
     let peer_value = ip_value(peer);
     let xff = match headers.get(&X_FORWARDED_FOR) {
@@ -120,15 +120,7 @@ pub fn set_forwarding(
         &X_FORWARDED_PROTO,
         HeaderValue::from_static(if https { "https" } else { "http" }),
     );
-    // The Host header usually holds `host` already: sharing its bytes saves
-    // a copy per request.
-    let host_value = match headers.get(header::HOST) {
-        Some(value) if value.as_bytes() == host.as_bytes() => Some(value.clone()),
-        _ => HeaderValue::from_str(host).ok(),
-    };
-    if let Some(value) = host_value {
-        headers.insert(&X_FORWARDED_HOST, value);
-    }
+    headers.insert(&X_FORWARDED_HOST, host.clone());
     headers.insert(&X_REAL_IP, ip_value(client));
 }
 
@@ -207,7 +199,13 @@ mod tests {
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static("7.7.7.7"));
         let peer: IpAddr = "127.0.0.1".parse().expect("ip");
-        set_forwarding(&mut h, peer, peer, true, "a.test");
+        set_forwarding(
+            &mut h,
+            peer,
+            peer,
+            true,
+            &HeaderValue::from_static("a.test"),
+        );
         assert_eq!(h[&X_FORWARDED_FOR], "6.6.6.6, 7.7.7.7, 127.0.0.1");
         assert_eq!(h[&X_FORWARDED_PROTO], "https");
         assert_eq!(h[&X_FORWARDED_HOST], "a.test");
@@ -222,7 +220,13 @@ mod tests {
         let widest: IpAddr = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"
             .parse()
             .expect("ip");
-        set_forwarding(&mut h, peer, widest, false, "a.test:8443");
+        set_forwarding(
+            &mut h,
+            peer,
+            widest,
+            false,
+            &HeaderValue::from_static("a.test:8443"),
+        );
         assert_eq!(h[&X_FORWARDED_FOR], "2001:db8::1");
         assert_eq!(h[&X_FORWARDED_HOST], "a.test:8443");
         assert_eq!(h[&X_REAL_IP], widest.to_string().as_str());

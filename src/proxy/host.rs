@@ -5,7 +5,7 @@
 
 use http::header::HOST;
 use http::uri::Authority;
-use http::{Request, Version};
+use http::{HeaderValue, Request, Version};
 
 use crate::config::check_dns_name;
 
@@ -26,7 +26,7 @@ pub enum HostError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestHost {
     pub name: String,
-    pub authority: Authority,
+    pub authority: HeaderValue,
 }
 
 pub fn request_host<B>(req: &Request<B>) -> Result<RequestHost, HostError> {
@@ -35,30 +35,30 @@ pub fn request_host<B>(req: &Request<B>) -> Result<RequestHost, HostError> {
     if host_headers.next().is_some() {
         return Err(HostError::Repeated);
     }
-    let header = match header {
-        Some(value) => Some(
-            value
-                .to_str()
-                .ok()
-                .and_then(|s| s.parse::<Authority>().ok())
-                .ok_or(HostError::Malformed)?,
-        ),
-        None => None,
+    let Some(target) = req.uri().authority() else {
+        // The usual HTTP/1.1 request: `Host` alone names the site, and the
+        // upstream gets it as it came.
+        let header = header.ok_or(HostError::Missing)?;
+        let name = normalize(header.as_bytes())?;
+        return Ok(RequestHost {
+            name,
+            authority: header.clone(),
+        });
     };
-    let authority = match (req.uri().authority(), header) {
-        // HTTP/2 carries `:authority`; a `Host` beside it must agree.
-        (Some(target), Some(header)) if req.version() == Version::HTTP_2 => {
-            if !same_authority(target, &header) {
-                return Err(HostError::Conflicting);
-            }
-            target.clone()
+    if let Some(header) = header {
+        let header = header
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse::<Authority>().ok())
+            .ok_or(HostError::Malformed)?;
+        // HTTP/2 carries `:authority`; a `Host` beside it must agree. An
+        // absolute-form target wins over `Host` (RFC 9112 §3.2.2).
+        if req.version() == Version::HTTP_2 && !same_authority(target, &header) {
+            return Err(HostError::Conflicting);
         }
-        // An absolute-form target wins over `Host` (RFC 9112 §3.2.2).
-        (Some(target), _) => target.clone(),
-        (None, Some(header)) => header,
-        (None, None) => return Err(HostError::Missing),
-    };
-    let name = normalize(&authority)?;
+    }
+    let name = normalize(target.as_str().as_bytes())?;
+    let authority = HeaderValue::from_str(target.as_str()).map_err(|_| HostError::Malformed)?;
     Ok(RequestHost { name, authority })
 }
 
@@ -82,33 +82,46 @@ fn same_authority(a: &Authority, b: &Authority) -> bool {
     a.as_str().eq_ignore_ascii_case(b.as_str())
 }
 
-fn normalize(authority: &Authority) -> Result<String, HostError> {
-    let text = authority.as_str();
-    if text.contains('@') {
+/// The site key for an authority as written (`host[:port]`): one pass to
+/// split off and check the port, then the name checked as configured site
+/// names are. This runs for every request, so it reads the bytes directly
+/// instead of building an `Authority` and asking it for its parts.
+fn normalize(authority: &[u8]) -> Result<String, HostError> {
+    let host_end = if authority.first() == Some(&b'[') {
+        authority
+            .iter()
+            .position(|&b| b == b']')
+            .map_or(authority.len(), |end| end + 1)
+    } else {
+        authority
+            .iter()
+            .position(|&b| b == b':')
+            .unwrap_or(authority.len())
+    };
+    let (host, port) = authority.split_at(host_end);
+    // `Authority` accepts an empty, signed or non-numeric port; a Host must
+    // not.
+    if !port.is_empty() && !port.strip_prefix(b":").is_some_and(is_port) {
         return Err(HostError::Malformed);
     }
-    let host = authority.host();
-    // `Authority` accepts an empty or non-numeric port; a Host must not.
-    let port = &text[host.len()..];
-    if !port.is_empty()
-        && port
-            .strip_prefix(':')
-            .and_then(|p| p.parse::<u16>().ok())
-            .is_none()
-    {
-        return Err(HostError::Malformed);
-    }
-    if host.starts_with('[') {
-        let inner = host.trim_start_matches('[').trim_end_matches(']');
+    let host = std::str::from_utf8(host).map_err(|_| HostError::Malformed)?;
+    if let Some(inner) = host.strip_prefix('[') {
         return inner
-            .parse::<std::net::Ipv6Addr>()
+            .strip_suffix(']')
+            .and_then(|inner| inner.parse::<std::net::Ipv6Addr>().ok())
             .map(|ip| format!("[{ip}]"))
-            .map_err(|_| HostError::Malformed);
+            .ok_or(HostError::Malformed);
     }
     let host = host.strip_suffix('.').unwrap_or(host);
     let name = host.to_ascii_lowercase();
     check_dns_name(&name).map_err(|_| HostError::Malformed)?;
     Ok(name)
+}
+
+fn is_port(digits: &[u8]) -> bool {
+    !digits.is_empty()
+        && digits.iter().all(u8::is_ascii_digit)
+        && std::str::from_utf8(digits).is_ok_and(|p| p.parse::<u16>().is_ok())
 }
 
 #[cfg(test)]
@@ -127,15 +140,47 @@ mod tests {
     fn host_header_case_and_port() {
         let h = h1("/", &["Git.Example.ORG:8443"]).expect("host");
         assert_eq!(h.name, "git.example.org");
-        assert_eq!(h.authority.as_str(), "Git.Example.ORG:8443");
+        assert_eq!(h.authority, "Git.Example.ORG:8443");
     }
 
     #[test]
     fn missing_repeated_malformed() {
         assert_eq!(h1("/", &[]), Err(HostError::Missing));
         assert_eq!(h1("/", &["a.test", "b.test"]), Err(HostError::Repeated));
-        for bad in ["a.test:", "a.test:x", "u@a.test", "a b", "a.test:99999", ""] {
+        for bad in [
+            "a.test:",
+            "a.test:x",
+            "a.test:+80",
+            "a.test:80:81",
+            "u@a.test",
+            "a b",
+            "a.test:99999",
+            "",
+            ":80",
+            "[::1",
+            "[::1]x",
+            "[::1]:",
+            "[a.test]",
+            "a..test",
+            "caf\u{e9}.test",
+        ] {
             assert_eq!(h1("/", &[bad]), Err(HostError::Malformed), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn name_is_the_site_key_and_authority_is_kept_as_written() {
+        for (written, name) in [
+            ("A.Test.:0080", "a.test"),
+            ("127.0.0.1:8080", "127.0.0.1"),
+            ("[0:0::1]:443", "[::1]"),
+            ("[::1]", "[::1]"),
+        ] {
+            let h = h1("/", &[written]).expect(written);
+            assert_eq!(
+                (h.name.as_str(), h.authority.as_bytes()),
+                (name, written.as_bytes())
+            );
         }
     }
 
