@@ -118,10 +118,17 @@ fn normalize(authority: &[u8]) -> Result<String, HostError> {
     Ok(name)
 }
 
+/// Decimal digits for a number up to 65535 (leading zeros allowed).
 fn is_port(digits: &[u8]) -> bool {
     !digits.is_empty()
-        && digits.iter().all(u8::is_ascii_digit)
-        && std::str::from_utf8(digits).is_ok_and(|p| p.parse::<u16>().is_ok())
+        && digits
+            .iter()
+            .try_fold(0u16, |port, &b| {
+                b.is_ascii_digit()
+                    .then(|| port.checked_mul(10)?.checked_add(u16::from(b - b'0')))
+                    .flatten()
+            })
+            .is_some()
 }
 
 #[cfg(test)]
