@@ -10,6 +10,7 @@
 use axum::body::Body;
 use axum::extract::Request;
 use axum::response::Response;
+use futures_util::future::{Either, ready};
 use http::header::{ALLOW, CONTENT_LENGTH};
 use http::{HeaderValue, Method, StatusCode};
 
@@ -32,12 +33,18 @@ impl Pipeline {
         Self { state }
     }
 
-    /// Answers one request that arrived on `conn`.
-    pub async fn serve(self, conn: ConnInfo, req: Request) -> Response {
+    /// Answers one request that arrived on `conn`. `/health` and the rate
+    /// limit are settled at once; only a forwarded request has anything to
+    /// wait for.
+    pub fn serve(
+        &self,
+        conn: &ConnInfo,
+        req: Request,
+    ) -> impl Future<Output = Response> + Send + use<> {
         // Before anything that could refuse or forward it: `/health` must
         // answer however busy a client is, and never uses up its allowance.
         if req.uri().path() == HEALTH {
-            return health(req.method());
+            return Either::Left(ready(health(req.method())));
         }
         // Every other request counts against its client, for a configured
         // host or not.
@@ -48,9 +55,9 @@ impl Pipeline {
             &snapshot.config.proxy.trusted_proxies,
         );
         if let Some(refused) = ratelimit::refuse(&snapshot, client, &req) {
-            return refused;
+            return Either::Left(ready(refused));
         }
-        proxy::handle(&self.state, &snapshot, &conn, client, req).await
+        Either::Right(proxy::handle(&self.state, &snapshot, conn, client, req))
     }
 }
 

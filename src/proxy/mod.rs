@@ -10,8 +10,11 @@ pub mod upstream;
 
 use std::error::Error as _;
 use std::net::IpAddr;
-use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use futures_util::future::{Either, ready};
+use hyper::upgrade::OnUpgrade;
+use tokio::time::error::Elapsed;
 
 use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
@@ -30,13 +33,19 @@ use pool::{PooledBody, UpstreamError, UpstreamPool};
 /// Serves one proxied request from `client` (the address the rate limit
 /// counted it against), with the configuration `snapshot` it was counted
 /// under.
-pub async fn handle(
+///
+/// Everything up to sending is decided here, before any future exists; the
+/// future returned only waits for the upstream. A request's future is
+/// allocated and moved as a whole, and nesting one async function in
+/// another keeps the request in each of them: this way it holds the
+/// request once, and is less than half its former size (3.0 → 1.3 KiB).
+pub fn handle(
     state: &AppState,
     snapshot: &Snapshot,
     conn: &ConnInfo,
     client: IpAddr,
     req: Request,
-) -> Response {
+) -> impl Future<Output = Response> + Send + use<> {
     let started = Instant::now();
     let exchange = Exchange::new(&req, conn, client, started);
     if !headers::transfer_coding_is_chunked_only(req.headers()) {
@@ -50,14 +59,24 @@ pub async fn handle(
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         let metrics = snapshot.site_metrics(None).cloned();
-        return exchange.finish(response, "-".to_owned(), None, metrics);
+        return Either::Left(ready(exchange.finish(
+            response,
+            "-".to_owned(),
+            None,
+            metrics,
+        )));
     }
     let host = match request_host(&req) {
         Ok(host) => host,
         Err(e) => {
             let response = plain(StatusCode::BAD_REQUEST, &format!("bad request: {e}\n"));
             let metrics = snapshot.site_metrics(None).cloned();
-            return exchange.finish(response, "-".to_owned(), None, metrics);
+            return Either::Left(ready(exchange.finish(
+                response,
+                "-".to_owned(),
+                None,
+                metrics,
+            )));
         }
     };
     let metrics = snapshot.site_metrics(Some(&host.name)).cloned();
@@ -68,50 +87,49 @@ pub async fn handle(
             StatusCode::MISDIRECTED_REQUEST,
             "misdirected request: the TLS server name differs from the requested host\n",
         );
-        return exchange.finish(response, host.name, None, metrics);
+        return Either::Left(ready(exchange.finish(response, host.name, None, metrics)));
     }
-    let Some(pool) = snapshot.upstreams.get(&host.name) else {
+    let Some(pool) = snapshot.upstreams.get(&host.name).cloned() else {
         let response = plain(
             StatusCode::MISDIRECTED_REQUEST,
             "misdirected request: no site is configured for this host\n",
         );
-        return exchange.finish(response, host.name, None, metrics);
+        return Either::Left(ready(exchange.finish(response, host.name, None, metrics)));
     };
-    let upstream = Some(pool.authority().clone());
-    match forward(
-        state,
-        snapshot,
-        pool,
-        metrics.as_deref(),
-        &host,
-        conn,
-        client,
-        req,
-    )
-    .await
-    {
-        Ok(response) => exchange.finish(response, host.name, upstream, metrics),
-        Err(response) => exchange.finish(response, host.name, upstream, metrics),
-    }
+    let (request, client_upgrade) = upstream_request(&host, conn, client, req, metrics.as_deref());
+    let timeout = snapshot.config.proxy.response_timeout;
+    let state = state.clone();
+    Either::Right(async move {
+        let sent_at = Instant::now();
+        let sent = tokio::time::timeout(timeout, pool.send(request)).await;
+        let upstream = Some(pool.authority().clone());
+        let forwarded = Forwarded {
+            state: &state,
+            pool: &pool,
+            metrics: metrics.as_deref(),
+            host: &host,
+            client,
+        };
+        match forwarded.response(sent, sent_at, timeout, client_upgrade) {
+            Ok(response) => exchange.finish(response, host.name, upstream, metrics),
+            Err(response) => exchange.finish(response, host.name, upstream, metrics),
+        }
+    })
 }
 
-/// Sends the request to the site's upstream. `Err` is a response made
-/// here because the upstream could not give one.
-#[allow(clippy::too_many_arguments)]
-async fn forward(
-    state: &AppState,
-    snapshot: &Snapshot,
-    pool: &Arc<UpstreamPool>,
-    metrics: Option<&SiteMetrics>,
+/// The request as the upstream gets it, and the client's side of an
+/// upgrade it asks for.
+fn upstream_request(
     host: &RequestHost,
     conn: &ConnInfo,
     client: IpAddr,
     req: Request,
-) -> Result<http::Response<PooledBody>, Response> {
+    metrics: Option<&SiteMetrics>,
+) -> (Request, Option<OnUpgrade>) {
     let wants_upgrade = req.version() == Version::HTTP_11 && headers::wants_upgrade(req.headers());
     let (mut parts, body) = req.into_parts();
     let client_upgrade = if wants_upgrade {
-        parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+        parts.extensions.remove::<OnUpgrade>()
     } else {
         None
     };
@@ -143,85 +161,116 @@ async fn forward(
         conn.https,
         &host.authority,
     );
-
     let body = CountedBody::wrap(body, metrics);
-    let timeout = snapshot.config.proxy.response_timeout;
-    let sent_at = Instant::now();
-    let sent = tokio::time::timeout(timeout, pool.send(Request::from_parts(parts, body))).await;
-    let mut response = match sent {
-        Ok(Ok(response)) => {
-            if let Some(m) = metrics {
-                m.upstream_responded(sent_at.elapsed());
-            }
-            response
-        }
-        Ok(Err(e)) => {
-            if let Some(BodyStalled(after)) = BodyStalled::find(&e) {
-                // The client's fault, not the upstream's: the upstream
-                // request was aborted because the body stopped arriving.
-                info!(
-                    client_ip = %client,
-                    host = host.name.as_str(),
-                    timeout_secs = after.as_secs(),
-                    "BODY_TIMEOUT"
-                );
-                let mut response = plain(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "request timeout: the request body stopped arriving\n",
-                );
-                response
-                    .headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                return Err(response);
-            }
-            let kind = if e.is_connect() {
-                UpstreamErrorKind::Connect
-            } else {
-                UpstreamErrorKind::Reset
-            };
-            upstream_error(host, pool, metrics, kind, &describe(&e));
-            return Err(plain(
-                StatusCode::BAD_GATEWAY,
-                "bad gateway: the upstream could not be reached\n",
-            ));
-        }
-        Err(_) => {
-            upstream_error(
-                host,
-                pool,
-                metrics,
-                UpstreamErrorKind::Timeout,
-                &format!("no response within {} s", timeout.as_secs()),
-            );
-            return Err(plain(
-                StatusCode::GATEWAY_TIMEOUT,
-                "gateway timeout: the upstream did not answer in time\n",
-            ));
-        }
-    };
+    (Request::from_parts(parts, body), client_upgrade)
+}
 
-    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let Some(client_upgrade) = client_upgrade else {
-            upstream_error(
-                host,
-                pool,
-                metrics,
-                UpstreamErrorKind::Reset,
-                "101 Switching Protocols to a request that did not ask to upgrade",
-            );
-            return Err(plain(StatusCode::BAD_GATEWAY, "bad gateway\n"));
+/// A request sent to its upstream: what turning the outcome into the
+/// client's response needs to know.
+struct Forwarded<'a> {
+    state: &'a AppState,
+    pool: &'a UpstreamPool,
+    metrics: Option<&'a SiteMetrics>,
+    host: &'a RequestHost,
+    client: IpAddr,
+}
+
+impl Forwarded<'_> {
+    /// The upstream's response, ready for the client; `Err` is a response
+    /// made here because the upstream could not give one.
+    #[expect(
+        clippy::result_large_err,
+        reason = "both sides are responses of about the same size; boxing one would only add an allocation"
+    )]
+    fn response(
+        &self,
+        sent: Result<Result<http::Response<PooledBody>, UpstreamError>, Elapsed>,
+        sent_at: Instant,
+        timeout: Duration,
+        client_upgrade: Option<OnUpgrade>,
+    ) -> Result<http::Response<PooledBody>, Response> {
+        let Self {
+            state,
+            pool,
+            metrics,
+            host,
+            client,
+        } = *self;
+        let mut response = match sent {
+            Ok(Ok(response)) => {
+                if let Some(m) = metrics {
+                    m.upstream_responded(sent_at.elapsed());
+                }
+                response
+            }
+            Ok(Err(e)) => {
+                if let Some(BodyStalled(after)) = BodyStalled::find(&e) {
+                    // The client's fault, not the upstream's: the upstream
+                    // request was aborted because the body stopped arriving.
+                    info!(
+                        client_ip = %client,
+                        host = host.name.as_str(),
+                        timeout_secs = after.as_secs(),
+                        "BODY_TIMEOUT"
+                    );
+                    let mut response = plain(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "request timeout: the request body stopped arriving\n",
+                    );
+                    response
+                        .headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    return Err(response);
+                }
+                let kind = if e.is_connect() {
+                    UpstreamErrorKind::Connect
+                } else {
+                    UpstreamErrorKind::Reset
+                };
+                upstream_error(host, pool, metrics, kind, &describe(&e));
+                return Err(plain(
+                    StatusCode::BAD_GATEWAY,
+                    "bad gateway: the upstream could not be reached\n",
+                ));
+            }
+            Err(_) => {
+                upstream_error(
+                    host,
+                    pool,
+                    metrics,
+                    UpstreamErrorKind::Timeout,
+                    &format!("no response within {} s", timeout.as_secs()),
+                );
+                return Err(plain(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "gateway timeout: the upstream did not answer in time\n",
+                ));
+            }
         };
-        let upstream_upgrade = hyper::upgrade::on(&mut response);
-        upgrade::spawn_tunnel(
-            state.tunnels(),
-            state.close_tunnels().clone(),
-            client_upgrade,
-            upstream_upgrade,
-        );
-        return Ok(response);
+
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let Some(client_upgrade) = client_upgrade else {
+                upstream_error(
+                    host,
+                    pool,
+                    metrics,
+                    UpstreamErrorKind::Reset,
+                    "101 Switching Protocols to a request that did not ask to upgrade",
+                );
+                return Err(plain(StatusCode::BAD_GATEWAY, "bad gateway\n"));
+            };
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            upgrade::spawn_tunnel(
+                state.tunnels(),
+                state.close_tunnels().clone(),
+                client_upgrade,
+                upstream_upgrade,
+            );
+            return Ok(response);
+        }
+        headers::remove_hop_by_hop(response.headers_mut(), false);
+        Ok(response)
     }
-    headers::remove_hop_by_hop(response.headers_mut(), false);
-    Ok(response)
 }
 
 fn upstream_error(
