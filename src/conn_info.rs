@@ -6,14 +6,44 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use http::HeaderValue;
+
+use crate::client_ip::{IpText, canonical};
+
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     /// The socket peer, IPv4-mapped addresses already shown as IPv4.
     pub peer: SocketAddr,
+    /// The peer's address as a header value. Every forwarded request copies
+    /// it into `X-Forwarded-For`, and usually into `X-Real-IP`: made once
+    /// per connection, those are shared rather than formatted and
+    /// allocated twice per request.
+    pub peer_header: HeaderValue,
     pub https: bool,
     /// The TLS server name the client asked for, if any.
     pub sni: Option<Arc<str>>,
     /// The negotiated TLS version as nginx's `$ssl_protocol` writes it
     /// (`TLSv1.3`), for the access log; `None` on plain connections.
     pub tls_version: Option<&'static str>,
+}
+
+impl ConnInfo {
+    /// A plain-TCP connection from `peer` (TLS details are added once its
+    /// handshake is done).
+    pub fn new(peer: SocketAddr) -> Self {
+        let peer = canonical(peer);
+        Self {
+            peer,
+            peer_header: ip_header(peer.ip()),
+            https: false,
+            sni: None,
+            tls_version: None,
+        }
+    }
+}
+
+/// An address as a header value.
+pub fn ip_header(ip: std::net::IpAddr) -> HeaderValue {
+    HeaderValue::from_bytes(IpText::new(ip).as_bytes())
+        .unwrap_or(HeaderValue::from_static("unknown"))
 }

@@ -59,6 +59,35 @@ async fn hop_by_hop_removed_and_forwarding_headers_set() {
 }
 
 #[tokio::test]
+async fn client_behind_a_trusted_proxy_is_the_real_ip() {
+    let a = Upstream::echo("site-a").await;
+    let mut proxy = ProxyProcess::start(&config(
+        &[("a.test", &a.url())],
+        "",
+        "[proxy]\ntrusted_proxies = [\"127.0.0.1/32\"]\n",
+    ));
+    let req = "GET /t HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\
+               X-Forwarded-For: 6.6.6.6, 203.0.113.7\r\n\r\n";
+    let out = raw(proxy.addr, req.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&out), Some(200), "{out}");
+    let echoed = out.split("site-a\n").nth(1).expect("echo body");
+    for expected in [
+        "x-forwarded-for: 6.6.6.6, 203.0.113.7, 127.0.0.1",
+        "x-real-ip: 203.0.113.7",
+    ] {
+        assert!(
+            echoed.lines().any(|l| l == expected),
+            "missing {expected}:\n{echoed}"
+        );
+    }
+    let line = proxy.wait_for_line(
+        |l| l.contains(" REQUEST ") && l.contains("path=/t "),
+        Duration::from_secs(5),
+    );
+    assert_eq!(field(&line, "client_ip"), "203.0.113.7");
+}
+
+#[tokio::test]
 async fn upstream_down_is_bad_gateway() {
     // A port that was free a moment ago: nothing listens there.
     let dead = std::net::TcpListener::bind("127.0.0.1:0")

@@ -6,7 +6,8 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-use crate::client_ip::{IpText, X_FORWARDED_FOR};
+use crate::client_ip::X_FORWARDED_FOR;
+use crate::conn_info::{ConnInfo, ip_header};
 
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -90,19 +91,18 @@ pub fn transfer_coding_is_chunked_only(headers: &HeaderMap) -> bool {
     }
 }
 
-/// Sets the forwarding headers. `peer` is appended to any `X-Forwarded-For`
-/// the client sent (the upstream may read the chain, but the proxy itself
-/// believes it only from trusted peers); the others are overwritten.
+/// Sets the forwarding headers for a request from `client` on `conn`. The
+/// peer is appended to any `X-Forwarded-For` the client sent (the upstream
+/// may read the chain, but the proxy itself believes it only from trusted
+/// peers); the others are overwritten.
 pub fn set_forwarding(
     headers: &mut HeaderMap,
-    peer: IpAddr,
+    conn: &ConnInfo,
     client: IpAddr,
-    https: bool,
     host: &HeaderValue,
 ) {
-    let peer_value = ip_value(peer);
     let xff = match headers.get(&X_FORWARDED_FOR) {
-        None => peer_value,
+        None => conn.peer_header.clone(),
         Some(_) => {
             let mut chain = headers
                 .get_all(&X_FORWARDED_FOR)
@@ -111,22 +111,22 @@ pub fn set_forwarding(
                 .collect::<Vec<_>>()
                 .join(", ");
             chain.push_str(", ");
-            chain.push_str(peer_value.to_str().unwrap_or_default());
-            HeaderValue::from_str(&chain).unwrap_or(peer_value)
+            chain.push_str(conn.peer_header.to_str().unwrap_or_default());
+            HeaderValue::from_str(&chain).unwrap_or_else(|_| conn.peer_header.clone())
         }
     };
     headers.insert(&X_FORWARDED_FOR, xff);
     headers.insert(
         &X_FORWARDED_PROTO,
-        HeaderValue::from_static(if https { "https" } else { "http" }),
+        HeaderValue::from_static(if conn.https { "https" } else { "http" }),
     );
     headers.insert(&X_FORWARDED_HOST, host.clone());
-    headers.insert(&X_REAL_IP, ip_value(client));
-}
-
-fn ip_value(ip: IpAddr) -> HeaderValue {
-    HeaderValue::from_bytes(IpText::new(ip).as_bytes())
-        .unwrap_or(HeaderValue::from_static("unknown"))
+    let real_ip = if client == conn.peer.ip() {
+        conn.peer_header.clone()
+    } else {
+        ip_header(client)
+    };
+    headers.insert(&X_REAL_IP, real_ip);
 }
 
 #[cfg(test)]
@@ -198,14 +198,10 @@ mod tests {
         let mut h = HeaderMap::new();
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
         h.append(&X_FORWARDED_FOR, HeaderValue::from_static("7.7.7.7"));
-        let peer: IpAddr = "127.0.0.1".parse().expect("ip");
-        set_forwarding(
-            &mut h,
-            peer,
-            peer,
-            true,
-            &HeaderValue::from_static("a.test"),
-        );
+        let mut conn = ConnInfo::new("127.0.0.1:40000".parse().expect("addr"));
+        conn.https = true;
+        let peer = conn.peer.ip();
+        set_forwarding(&mut h, &conn, peer, &HeaderValue::from_static("a.test"));
         assert_eq!(h[&X_FORWARDED_FOR], "6.6.6.6, 7.7.7.7, 127.0.0.1");
         assert_eq!(h[&X_FORWARDED_PROTO], "https");
         assert_eq!(h[&X_FORWARDED_HOST], "a.test");
@@ -216,15 +212,14 @@ mod tests {
     fn forwarding_values_for_ipv6_and_host() {
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("a.test:8443"));
-        let peer: IpAddr = "2001:db8::1".parse().expect("ip");
+        let conn = ConnInfo::new("[2001:db8::1]:40000".parse().expect("addr"));
         let widest: IpAddr = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"
             .parse()
             .expect("ip");
         set_forwarding(
             &mut h,
-            peer,
+            &conn,
             widest,
-            false,
             &HeaderValue::from_static("a.test:8443"),
         );
         assert_eq!(h[&X_FORWARDED_FOR], "2001:db8::1");

@@ -154,13 +154,7 @@ fn upstream_request(
     if !host_is_authority {
         parts.headers.insert(header::HOST, host.authority.clone());
     }
-    headers::set_forwarding(
-        &mut parts.headers,
-        conn.peer.ip(),
-        client,
-        conn.https,
-        &host.authority,
-    );
+    headers::set_forwarding(&mut parts.headers, conn, client, &host.authority);
     let body = CountedBody::wrap(body, metrics);
     (Request::from_parts(parts, body), client_upgrade)
 }

@@ -84,7 +84,6 @@ use tower::ServiceExt;
 use tracing::{debug, error, info};
 
 use crate::body_timeout::TimedBody;
-use crate::client_ip::canonical;
 use crate::config::StaticConfig;
 use crate::conn_info::ConnInfo;
 use crate::metrics::{Metrics, TlsHandshake};
@@ -331,13 +330,7 @@ impl Server {
                     if let Some(metrics) = &self.inner.metrics {
                         metrics.connection_accepted();
                     }
-                    let info = ConnInfo {
-                        peer: canonical(peer),
-                        https: false,
-                        sni: None,
-                        tls_version: None,
-                    };
-                    on_accept(self, stream, info, permit);
+                    on_accept(self, stream, ConnInfo::new(peer), permit);
                 }
                 Err(e) if is_connection_error(&e) => debug!("accept: {e}"),
                 Err(e) => {
