@@ -5,8 +5,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use http::HeaderMap;
 use http::header::HeaderName;
+use http::{HeaderMap, HeaderValue};
 use ipnet::IpNet;
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -14,6 +14,12 @@ pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-fo
 /// An address as users think of it: `::ffff:203.0.113.7` is `203.0.113.7`.
 pub fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// An address as a header value.
+pub fn ip_header(ip: IpAddr) -> HeaderValue {
+    HeaderValue::from_bytes(IpText::new(ip).as_bytes())
+        .unwrap_or(HeaderValue::from_static("unknown"))
 }
 
 /// An address as text, formatted on the stack. Every proxied request

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use http::HeaderValue;
 
-use crate::client_ip::{IpText, canonical};
+use crate::client_ip::{canonical, ip_header};
 
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
@@ -40,10 +40,4 @@ impl ConnInfo {
             tls_version: None,
         }
     }
-}
-
-/// An address as a header value.
-pub fn ip_header(ip: std::net::IpAddr) -> HeaderValue {
-    HeaderValue::from_bytes(IpText::new(ip).as_bytes())
-        .unwrap_or(HeaderValue::from_static("unknown"))
 }

@@ -6,8 +6,8 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-use crate::client_ip::X_FORWARDED_FOR;
-use crate::conn_info::{ConnInfo, ip_header};
+use crate::client_ip::{X_FORWARDED_FOR, ip_header};
+use crate::conn_info::ConnInfo;
 
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");

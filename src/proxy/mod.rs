@@ -51,13 +51,10 @@ pub fn handle(
     if !headers::transfer_coding_is_chunked_only(req.headers()) {
         // hyper has decoded the chunked framing; any other coding would be
         // lost on the way to the upstream, which would misread the body.
-        let mut response = plain(
+        let response = closing(
             StatusCode::NOT_IMPLEMENTED,
             "not implemented: only the chunked transfer coding is supported\n",
         );
-        response
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
         let metrics = snapshot.site_metrics(None).cloned();
         return Either::Left(ready(exchange.finish(
             response,
@@ -207,14 +204,10 @@ impl Forwarded<'_> {
                         timeout_secs = after.as_secs(),
                         "BODY_TIMEOUT"
                     );
-                    let mut response = plain(
+                    return Err(closing(
                         StatusCode::REQUEST_TIMEOUT,
                         "request timeout: the request body stopped arriving\n",
-                    );
-                    response
-                        .headers_mut()
-                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                    return Err(response);
+                    ));
                 }
                 let kind = if e.is_connect() {
                     UpstreamErrorKind::Connect
@@ -298,6 +291,16 @@ fn describe(error: &UpstreamError) -> String {
         Some(io) => io.kind().to_string(),
         None => last.to_string(),
     }
+}
+
+/// [`plain`], and the connection closed after it: what remains of the
+/// request's body cannot be trusted to be read as the next request.
+fn closing(status: StatusCode, body: &str) -> Response {
+    let mut response = plain(status, body);
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 /// A short plain-text response, for answers the proxy makes itself.
