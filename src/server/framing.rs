@@ -138,13 +138,16 @@ enum Framing {
 
 impl<I> FramingGuard<I> {
     /// `max_head` is the largest head hyper accepts; a longer one is left to
-    /// hyper, which answers it with `431`. `activity` tells whether a
-    /// response is still being written when a head is late.
+    /// hyper, which answers it with `431`. The first head is due at
+    /// `first_head_due`, later ones `head_timeout` after their first byte.
+    /// `activity` tells whether a response is still being written when a
+    /// head is late.
     pub fn new(
         inner: I,
         max_head: usize,
         peer: IpAddr,
         head_timeout: Duration,
+        first_head_due: Instant,
         activity: Arc<Activity>,
     ) -> Self {
         Self {
@@ -155,7 +158,7 @@ impl<I> FramingGuard<I> {
             max_head,
             peer,
             head_timeout,
-            head_deadline: Some(Instant::now() + head_timeout),
+            head_deadline: Some(first_head_due),
             timer: None,
             activity,
         }
@@ -523,6 +526,7 @@ mod tests {
             1024,
             Ipv4Addr::LOCALHOST.into(),
             Duration::from_secs(10),
+            Instant::now() + Duration::from_secs(10),
             Activity::new(None),
         );
         let mut out = Vec::new();

@@ -2,10 +2,12 @@
 //!
 //! The accept loop enforces `max_connections` (beyond it, connections wait
 //! in the kernel backlog), survives accept errors (resets are ignored,
-//! descriptor exhaustion backs off instead of spinning), and hands each
-//! connection to hyper's HTTP/1.1 or HTTP/2 server, whichever its first
-//! bytes ask for (`version`), behind a check that refuses ambiguous HTTP/1
-//! framing (`framing`). Shutdown
+//! descriptor exhaustion backs off instead of spinning), and serves each
+//! connection in the HTTP version its first bytes ask for (`version`). The
+//! public listener's HTTP/1.1 requests without a body are served by `h1`;
+//! at the first request that is anything else, the connection goes to
+//! hyper's HTTP/1.1 server, behind a check that refuses ambiguous framing
+//! (`framing`). HTTP/2 is hyper's throughout. Shutdown
 //! happens in three steps: stop accepting, ask every connection to finish
 //! (`Connection: close` / GOAWAY), and close what is left at the deadline.
 
@@ -52,7 +54,9 @@ macro_rules! write_through {
 }
 
 mod activity;
+mod date;
 mod framing;
+mod h1;
 pub mod listener;
 mod version;
 
@@ -65,6 +69,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
+use bytes::Bytes;
 use futures_util::FutureExt;
 use futures_util::future::Either;
 use http::Request;
@@ -373,15 +378,9 @@ impl Server {
     {
         let inner = &self.inner;
         let peer = info.peer;
+        let ready = Instant::now();
         let activity = Activity::new(inner.metrics.as_ref().map(|m| m.connection_gauges()));
         let io = TrackedIo::new(io, Arc::clone(&activity));
-        let io = FramingGuard::new(
-            io,
-            inner.max_header_bytes,
-            peer.ip(),
-            inner.header_read_timeout,
-            Arc::clone(&activity),
-        );
         // The first bytes belong to the first head and get its time. The
         // framing check's own timer does not cover a beginning of the
         // HTTP/2 preface, which it leaves alone as not HTTP/1.
@@ -396,12 +395,41 @@ impl Server {
             () = inner.kill.cancelled() => return,
         };
         let (version, io) = match detected {
-            Ok((version, io)) => (version, TokioIo::new(io)),
+            Ok(detected) => detected,
             Err(e) => {
                 debug!(%peer, "connection: {e}");
                 return;
             }
         };
+        let first_head_due = ready + inner.header_read_timeout;
+        let (io, head_due) = match (version, &inner.app) {
+            (Version::Http1, App::Proxy(pipeline)) => {
+                let conn = h1::Conn {
+                    pipeline,
+                    info: &info,
+                    activity: &activity,
+                    first_head_due,
+                    header_read_timeout: inner.header_read_timeout,
+                    idle_timeout: inner.idle_timeout,
+                    max_header_bytes: inner.max_header_bytes,
+                    stop: &inner.stop,
+                    kill: &inner.kill,
+                };
+                match h1::serve(io, conn).await {
+                    h1::Outcome::Closed => return,
+                    h1::Outcome::HandOver(io, head_due) => (io, head_due),
+                }
+            }
+            _ => (h1::Replay::new(io, Bytes::new()), first_head_due),
+        };
+        let io = TokioIo::new(FramingGuard::new(
+            io,
+            inner.max_header_bytes,
+            peer.ip(),
+            inner.header_read_timeout,
+            head_due,
+            Arc::clone(&activity),
+        ));
         let app = inner.app.clone();
         let requests = Arc::clone(&activity);
         let body_read_timeout = inner.body_read_timeout;

@@ -1,0 +1,665 @@
+//! HTTP/1.1 for the public listener's everyday requests, served without
+//! hyper's server in between.
+//!
+//! Nearly every request a self-hosted site gets is a GET or HEAD without a
+//! body. hyper's HTTP/1 server keeps two 8 KiB buffers per connection for
+//! the connection's whole life, idle ones too, and each head it reads is
+//! parsed a second time by `framing`. Here a connection holds no buffer
+//! between requests: a read lands on the stack and is kept only while a
+//! head is incomplete, a complete head becomes the request without another
+//! copy, and the response head leaves in the same write as a small body.
+//!
+//! Only requests that are plainly simple are served here: HTTP/1.1, GET or
+//! HEAD, an origin-form target, no body (neither `Content-Length` nor
+//! `Transfer-Encoding`), no `Expect`, no `Upgrade`, and a `Connection` that
+//! says at most `keep-alive` or `close`. At the first head that is anything
+//! else, including one httparse refuses and one too large, the connection
+//! goes to hyper (behind `framing`) with the bytes read so far put back in
+//! front, and hyper serves it to its end. Every error answer, request body,
+//! upgrade and `100 Continue` therefore stays hyper's.
+//!
+//! The timeouts mean what they mean for hyper's connections: a head is due
+//! `header_read_timeout` after the connection is ready or after its first
+//! byte, a connection with nothing to do is closed after `idle_timeout`,
+//! and a client that takes no response bytes for `idle_timeout` is
+//! dropped.
+
+use std::io::{self, Write as _};
+use std::mem::MaybeUninit;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::response::Response;
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::future::poll_fn;
+use http::header::{
+    CONNECTION, CONTENT_LENGTH, DATE, EXPECT, HeaderName, TRANSFER_ENCODING, UPGRADE,
+};
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri, Version};
+use http_body::Body as _;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::{Instant, Sleep, sleep_until, timeout};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use super::MAX_HEADERS;
+use super::activity::Activity;
+use super::date;
+use crate::conn_info::ConnInfo;
+use crate::router::Pipeline;
+
+/// Bytes one read may take. A request head is usually a few hundred bytes;
+/// a larger one takes more reads.
+const READ_CHUNK: usize = 4096;
+/// How often one head that arrives in pieces is parsed again before the
+/// connection goes to hyper, so a client trickling a large head costs
+/// linear time here.
+const MAX_PARSES_PER_HEAD: u32 = 64;
+/// Room for the fields the proxy adds to a request on its way upstream
+/// (`X-Forwarded-*`, `X-Real-IP`), so that the request's map is not grown
+/// and rehashed for them.
+const FORWARDING_FIELDS: usize = 6;
+/// Response bytes gathered before they are written: the head and a small
+/// body go out together, a large body frame goes out on its own.
+const GATHER: usize = 16 * 1024;
+
+/// A response head's status line, `Date` and framing fields fit in this,
+/// and each further field in about `FIELD_ROOM`.
+const HEAD_ROOM: usize = 128;
+const FIELD_ROOM: usize = 48;
+
+/// What a connection served here needs from its server.
+pub struct Conn<'a> {
+    pub pipeline: &'a Pipeline,
+    pub info: &'a ConnInfo,
+    pub activity: &'a Arc<Activity>,
+    /// When the first head is due.
+    pub first_head_due: Instant,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_header_bytes: usize,
+    /// Finish the current exchange, then close.
+    pub stop: &'a CancellationToken,
+    /// Close now.
+    pub kill: &'a CancellationToken,
+}
+
+/// How a connection left this server.
+pub enum Outcome<I> {
+    /// It is over.
+    Closed,
+    /// hyper takes it from here: the stream, with what was read of it and
+    /// not served put back, and when the head in those bytes is due.
+    HandOver(Replay<I>, Instant),
+}
+
+/// Serves `io` until it closes or a request needs hyper.
+pub async fn serve<I>(mut io: I, conn: Conn<'_>) -> Outcome<I>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let peer = conn.info.peer;
+    let mut kill = pin!(conn.kill.cancelled());
+    let mut stop = pin!(conn.stop.cancelled());
+    // One timer for every wait of the connection, moved rather than made
+    // anew: a head or idle deadline, or a response write's stall limit.
+    let mut timer = pin!(sleep_until(conn.first_head_due));
+    // Bytes read and not yet served: a head still arriving, or requests
+    // sent ahead (pipelined).
+    let mut pending = BytesMut::new();
+    // When the head being awaited is due; `None` between requests, when
+    // the idle timeout applies instead.
+    let mut head_due = Some(conn.first_head_due);
+    let mut idle_due = Instant::now() + conn.idle_timeout;
+    let mut parses = 0;
+    loop {
+        let head = loop {
+            if !pending.is_empty() {
+                match parse(pending.split().freeze(), conn.max_header_bytes) {
+                    Parsed::Simple(head) => break head,
+                    Parsed::Partial(bytes) if parses < MAX_PARSES_PER_HEAD => {
+                        pending = BytesMut::from(bytes);
+                        parses += 1;
+                    }
+                    Parsed::Partial(bytes) | Parsed::Other(bytes) => {
+                        let due = head_due.unwrap_or_else(Instant::now);
+                        return Outcome::HandOver(Replay::new(io, bytes), due);
+                    }
+                }
+            }
+            let waiting_idle = pending.is_empty();
+            timer.as_mut().reset(head_due.unwrap_or(idle_due));
+            let read = tokio::select! {
+                biased;
+                read = read_some(&mut io, &mut pending) => read,
+                () = &mut kill => return Outcome::Closed,
+                () = &mut stop, if waiting_idle => {
+                    close(&mut io).await;
+                    return Outcome::Closed;
+                }
+                () = timer.as_mut() => {
+                    if head_due.is_some() {
+                        debug!(%peer, "request head not complete in time; closing");
+                    } else {
+                        debug!(%peer, "idle connection; closing");
+                        close(&mut io).await;
+                    }
+                    return Outcome::Closed;
+                }
+            };
+            match read {
+                Ok(0) => return Outcome::Closed,
+                Ok(_) => {
+                    if head_due.is_none() {
+                        head_due = Some(Instant::now() + conn.header_read_timeout);
+                    }
+                }
+                Err(e) => {
+                    debug!(%peer, "connection: {e}");
+                    return Outcome::Closed;
+                }
+            }
+        };
+        parses = 0;
+        head_due = None;
+        pending = head.rest;
+        let method_is_head = head.request.method() == Method::HEAD;
+        let in_flight = conn.activity.start_request();
+        let mut response = Box::pin(conn.pipeline.serve(conn.info, head.request));
+        // While the answer is awaited, the client's side is read too: a
+        // client that goes away cancels its request, as with hyper.
+        let response = loop {
+            let room = pending.len() < conn.max_header_bytes;
+            tokio::select! {
+                biased;
+                response = &mut response => break response,
+                () = &mut kill => return Outcome::Closed,
+                read = read_some(&mut io, &mut pending), if room => match read {
+                    Ok(0) => {
+                        debug!(%peer, "client closed the connection before its response");
+                        return Outcome::Closed;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        debug!(%peer, "connection: {e}");
+                        return Outcome::Closed;
+                    }
+                },
+            }
+        };
+        let keep_alive = head.keep_alive && !conn.stop.is_cancelled();
+        let sent = send(
+            &mut io,
+            response,
+            method_is_head,
+            keep_alive,
+            conn.idle_timeout,
+            kill.as_mut(),
+            timer.as_mut(),
+        )
+        .await;
+        drop(in_flight);
+        match sent {
+            Sent::KeepAlive => {}
+            Sent::Close => {
+                close(&mut io).await;
+                return Outcome::Closed;
+            }
+            Sent::Failed(why) => {
+                debug!(%peer, "response: {why}");
+                return Outcome::Closed;
+            }
+        }
+        idle_due = Instant::now() + conn.idle_timeout;
+        if pending.is_empty() {
+            // Between requests the connection keeps no buffer at all.
+            pending = BytesMut::new();
+        } else {
+            head_due = Some(Instant::now() + conn.header_read_timeout);
+        }
+    }
+}
+
+/// Reads what the client has sent into `pending`, through a buffer on the
+/// stack: a connection waiting for its next request keeps none.
+fn read_some<'a, I: AsyncRead + Unpin>(
+    io: &'a mut I,
+    pending: &'a mut BytesMut,
+) -> impl Future<Output = io::Result<usize>> + 'a {
+    poll_fn(move |cx| {
+        let mut chunk = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+        let mut buf = ReadBuf::uninit(&mut chunk);
+        ready!(Pin::new(&mut *io).poll_read(cx, &mut buf))?;
+        pending.extend_from_slice(buf.filled());
+        Poll::Ready(Ok(buf.filled().len()))
+    })
+}
+
+/// Ends the connection the way a finished HTTP/1.1 connection ends (TLS's
+/// `close_notify`, then FIN), within the time a write may take.
+async fn close<I: AsyncWrite + Unpin>(io: &mut I) {
+    let _ = timeout(CLOSE_TIMEOUT, io.shutdown()).await;
+}
+
+/// A closing connection gets this long to take its last bytes.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A request head served here.
+struct Head {
+    request: Request<Body>,
+    /// Whether the client lets the connection stay open after it.
+    keep_alive: bool,
+    /// The bytes after the head.
+    rest: BytesMut,
+}
+
+// A value returned once per head and taken apart at once: boxing the large
+// variant would cost every request an allocation.
+#[expect(clippy::large_enum_variant)]
+enum Parsed {
+    Simple(Head),
+    /// More bytes are needed; here they are back.
+    Partial(Bytes),
+    /// hyper's to serve; here they are back.
+    Other(Bytes),
+}
+
+/// Parses the head at the start of `bytes`. A head served here becomes its
+/// request without a copy: the target and the field values are slices of
+/// `bytes`.
+fn parse(bytes: Bytes, max_head: usize) -> Parsed {
+    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut head = httparse::Request::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut head,
+        &bytes,
+        &mut fields,
+    ) {
+        Ok(httparse::Status::Complete(len)) if len <= max_head => len,
+        Ok(httparse::Status::Partial) if bytes.len() < max_head => {
+            return Parsed::Partial(bytes);
+        }
+        _ => return Parsed::Other(bytes),
+    };
+    let method = match head.method {
+        Some("GET") => Method::GET,
+        Some("HEAD") => Method::HEAD,
+        _ => return Parsed::Other(bytes),
+    };
+    let Some(path) = head.path.filter(|path| path.starts_with('/')) else {
+        return Parsed::Other(bytes);
+    };
+    if head.version != Some(1) {
+        return Parsed::Other(bytes);
+    }
+    let Ok(uri) = Uri::from_maybe_shared(bytes.slice_ref(path.as_bytes())) else {
+        return Parsed::Other(bytes);
+    };
+    let mut keep_alive = true;
+    let mut headers = HeaderMap::with_capacity(head.headers.len() + FORWARDING_FIELDS);
+    for field in head.headers.iter() {
+        let Ok(name) = HeaderName::from_bytes(field.name.as_bytes()) else {
+            return Parsed::Other(bytes);
+        };
+        if name == CONTENT_LENGTH || name == TRANSFER_ENCODING || name == EXPECT || name == UPGRADE
+        {
+            return Parsed::Other(bytes);
+        }
+        if name == CONNECTION {
+            match connection(field.value) {
+                Some(keep) => keep_alive &= keep,
+                None => return Parsed::Other(bytes),
+            }
+        }
+        let Ok(value) = HeaderValue::from_maybe_shared(bytes.slice_ref(field.value)) else {
+            return Parsed::Other(bytes);
+        };
+        headers.append(name, value);
+    }
+    let mut request = Request::new(Body::empty());
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = headers;
+    Parsed::Simple(Head {
+        request,
+        keep_alive,
+        rest: BytesMut::from(&bytes[len..]),
+    })
+}
+
+/// What a request's `Connection` field asks for: `Some(true)` to keep the
+/// connection, `Some(false)` to close it after the response, `None` for
+/// anything else (hop-by-hop field names), which is hyper's to handle.
+fn connection(value: &[u8]) -> Option<bool> {
+    let value = value.trim_ascii();
+    if value.eq_ignore_ascii_case(b"keep-alive") {
+        Some(true)
+    } else if value.eq_ignore_ascii_case(b"close") {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// How a response ended on the wire.
+enum Sent {
+    KeepAlive,
+    /// Complete, and the connection is to close.
+    Close,
+    /// Not complete; the connection cannot be used again.
+    Failed(&'static str),
+}
+
+/// How a response body is delimited.
+#[derive(Clone, Copy)]
+enum Framing {
+    /// No body goes on the wire (HEAD, 204, 304).
+    Empty,
+    Length(u64),
+    Chunked,
+}
+
+/// Writes `response`. A client that takes none of it for `stall` is given
+/// up on (`timer` measures that); `kill` ends it at once.
+async fn send<I: AsyncWrite + Unpin>(
+    io: &mut I,
+    response: Response,
+    method_is_head: bool,
+    keep_alive: bool,
+    stall: Duration,
+    mut kill: Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
+    mut timer: Pin<&mut Sleep>,
+) -> Sent {
+    let (parts, mut body) = response.into_parts();
+    let exact = body.size_hint().exact();
+    // Room for the head, and for the body if it goes out with the head.
+    let body_room = exact
+        .and_then(|len| usize::try_from(len).ok())
+        .filter(|&len| len <= GATHER)
+        .unwrap_or(0);
+    let mut out = Vec::with_capacity(HEAD_ROOM + parts.headers.len() * FIELD_ROOM + body_room);
+    let (framing, close) = encode_head(
+        &mut out,
+        parts.status,
+        &parts.headers,
+        exact,
+        method_is_head,
+        !keep_alive,
+    );
+    drop(parts);
+    let mut remaining = match framing {
+        Framing::Empty => {
+            drop(body);
+            return match write(io, &out, stall, timer.as_mut()).await {
+                Ok(()) if close => Sent::Close,
+                Ok(()) => Sent::KeepAlive,
+                Err(why) => Sent::Failed(why),
+            };
+        }
+        Framing::Length(len) => len,
+        Framing::Chunked => u64::MAX,
+    };
+    loop {
+        // A frame that is ready joins what is gathered; before waiting for
+        // one, what is gathered goes out.
+        let frame = match poll_fn(|cx| Poll::Ready(poll_ready_frame(&mut body, cx))).await {
+            Some(frame) => frame,
+            None => {
+                if !out.is_empty() {
+                    if let Err(why) = write(io, &out, stall, timer.as_mut()).await {
+                        return Sent::Failed(why);
+                    }
+                    out.clear();
+                }
+                tokio::select! {
+                    biased;
+                    frame = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)) => frame,
+                    () = kill.as_mut() => return Sent::Failed("closed at shutdown"),
+                }
+            }
+        };
+        let data = match frame {
+            None => break,
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => data,
+                // Trailers: HTTP/1.1 responses here carry none.
+                Err(_) => continue,
+            },
+            Some(Err(_)) => {
+                // Whatever was gathered still goes out; the client sees
+                // the body end early.
+                let _ = write(io, &out, stall, timer.as_mut()).await;
+                return Sent::Failed("response body failed");
+            }
+        };
+        if data.is_empty() {
+            continue;
+        }
+        let len = data.len() as u64;
+        if let Framing::Length(_) = framing {
+            if len > remaining {
+                let _ = write(io, &out, stall, timer.as_mut()).await;
+                return Sent::Failed("response body longer than its content-length");
+            }
+            remaining -= len;
+        } else {
+            // Writing into a Vec cannot fail.
+            let _ = write!(out, "{len:x}\r\n");
+        }
+        if out.len() + data.len() <= GATHER {
+            out.extend_from_slice(&data);
+        } else {
+            if let Err(why) = write(io, &out, stall, timer.as_mut()).await {
+                return Sent::Failed(why);
+            }
+            out.clear();
+            if let Err(why) = write(io, &data, stall, timer.as_mut()).await {
+                return Sent::Failed(why);
+            }
+        }
+        if let Framing::Chunked = framing {
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    drop(body);
+    match framing {
+        Framing::Length(_) if remaining > 0 => {
+            let _ = write(io, &out, stall, timer.as_mut()).await;
+            return Sent::Failed("response body shorter than its content-length");
+        }
+        Framing::Chunked => out.extend_from_slice(b"0\r\n\r\n"),
+        Framing::Length(_) | Framing::Empty => {}
+    }
+    if let Err(why) = write(io, &out, stall, timer.as_mut()).await {
+        return Sent::Failed(why);
+    }
+    if close { Sent::Close } else { Sent::KeepAlive }
+}
+
+/// The body's next frame if it is there now; `None` if it must be waited
+/// for (the waker is registered all the same).
+fn poll_ready_frame(
+    body: &mut Body,
+    cx: &mut Context<'_>,
+) -> Option<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+    match Pin::new(body).poll_frame(cx) {
+        Poll::Ready(frame) => Some(frame),
+        Poll::Pending => None,
+    }
+}
+
+/// Writes and flushes `bytes`, unless the client takes none of them for
+/// `stall`. Most writes are taken at once; `timer` is set only for one
+/// that is not, and set again whenever the client takes some.
+async fn write<I: AsyncWrite + Unpin>(
+    io: &mut I,
+    bytes: &[u8],
+    stall: Duration,
+    mut timer: Pin<&mut Sleep>,
+) -> Result<(), &'static str> {
+    const FAILED: &str = "client connection failed";
+    let mut written = 0;
+    let mut armed = false;
+    poll_fn(|cx| {
+        loop {
+            let progress = if written < bytes.len() {
+                match Pin::new(&mut *io).poll_write(cx, &bytes[written..]) {
+                    Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Err(FAILED)),
+                    Poll::Ready(Ok(n)) => {
+                        written += n;
+                        true
+                    }
+                    Poll::Pending => false,
+                }
+            } else {
+                match Pin::new(&mut *io).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => return Poll::Ready(Ok(())),
+                    Poll::Ready(Err(_)) => return Poll::Ready(Err(FAILED)),
+                    Poll::Pending => false,
+                }
+            };
+            if progress {
+                armed = false;
+                continue;
+            }
+            if !armed {
+                timer.as_mut().reset(Instant::now() + stall);
+                armed = true;
+            }
+            return match timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err("client stopped reading its response")),
+                Poll::Pending => Poll::Pending,
+            };
+        }
+    })
+    .await
+}
+
+/// Writes the status line and header fields into `out`, and chooses how
+/// the body is delimited, as hyper's server does: the response's own
+/// `Content-Length`, else the body's known length, else chunked. Returns
+/// the framing and whether the connection closes after this response.
+fn encode_head(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    headers: &HeaderMap,
+    exact: Option<u64>,
+    method_is_head: bool,
+    mut close: bool,
+) -> (Framing, bool) {
+    let code = status.as_u16();
+    let no_length = status.is_informational() || code == 204;
+    let bodyless = method_is_head || no_length || code == 304;
+    if status == StatusCode::OK {
+        out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    } else {
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let mut length = None;
+    let mut has_date = false;
+    let mut says_close = false;
+    for (name, value) in headers {
+        if *name == CONTENT_LENGTH {
+            if no_length || length.is_some() {
+                continue;
+            }
+            match parse_length(value) {
+                Some(len) => length = Some(len),
+                None => continue,
+            }
+        } else if *name == TRANSFER_ENCODING {
+            // The body's delimiting is chosen here.
+            continue;
+        } else if *name == CONNECTION {
+            says_close |= value
+                .as_bytes()
+                .split(|&b| b == b',')
+                .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"));
+        } else if *name == DATE {
+            has_date = true;
+        }
+        field(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    let framing = match (length, exact) {
+        _ if bodyless && length.is_none() && exact == Some(0) => Framing::Empty,
+        (Some(len), _) => Framing::Length(len),
+        (None, Some(len)) => {
+            if !no_length {
+                let mut digits = itoa::Buffer::new();
+                field(out, b"content-length", digits.format(len).as_bytes());
+            }
+            Framing::Length(len)
+        }
+        (None, None) if bodyless => Framing::Empty,
+        (None, None) => {
+            field(out, b"transfer-encoding", b"chunked");
+            Framing::Chunked
+        }
+    };
+    if close && !says_close {
+        field(out, b"connection", b"close");
+    }
+    close |= says_close;
+    if !has_date {
+        out.extend_from_slice(b"date: ");
+        date::extend(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    let framing = if bodyless { Framing::Empty } else { framing };
+    (framing, close)
+}
+
+fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn parse_length(value: &HeaderValue) -> Option<u64> {
+    let digits = value.as_bytes();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// A stream with bytes already read from it put back in front.
+pub struct Replay<I> {
+    inner: I,
+    replay: Bytes,
+}
+
+impl<I> Replay<I> {
+    pub fn new(inner: I, replay: Bytes) -> Self {
+        Self { inner, replay }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Replay<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.replay.is_empty() {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        let n = this.replay.len().min(buf.remaining());
+        buf.put_slice(&this.replay[..n]);
+        this.replay.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+write_through!(Replay);

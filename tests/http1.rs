@@ -1,0 +1,334 @@
+//! HTTP/1.1 on the wire, as a raw client sees it: how response bodies are
+//! delimited, keep-alive and `Connection: close`, pipelined requests, and a
+//! connection whose later requests carry bodies (which hyper serves once
+//! the connection is handed to it) after bodiless ones.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::Request;
+use axum::routing::{any, get};
+use common::{NO_RATE_LIMIT, ProxyProcess, Upstream, config};
+use http::StatusCode;
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// How long the proxy may take to answer everything a test sends.
+const BOUND: Duration = Duration::from_secs(5);
+const KIB: usize = 1024;
+
+/// One response as it came over the wire.
+#[derive(Debug)]
+struct Wire {
+    status: u16,
+    /// Field lines, names lowercased.
+    fields: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Wire {
+    fn field(&self, name: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Splits `raw` into responses, delimiting each body the way its head says
+/// (`HEAD` answers, 204 and 304 have none). `heads` says, per response,
+/// whether it answers a HEAD request.
+fn responses(mut raw: &[u8], heads: &[bool]) -> Vec<Wire> {
+    let mut out = Vec::new();
+    for &is_head in heads {
+        let end = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or_else(|| panic!("no complete head in {:?}", String::from_utf8_lossy(raw)));
+        let head = std::str::from_utf8(&raw[..end]).expect("ASCII head");
+        raw = &raw[end + 4..];
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().expect("status line");
+        let status = status_line
+            .strip_prefix("HTTP/1.1 ")
+            .and_then(|s| s.get(..3))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("status line {status_line:?}"));
+        let fields: Vec<(String, String)> = lines
+            .map(|line| {
+                let (name, value) = line.split_once(':').expect("field line");
+                (name.to_ascii_lowercase(), value.trim().to_owned())
+            })
+            .collect();
+        let mut wire = Wire {
+            status,
+            fields,
+            body: Vec::new(),
+        };
+        if is_head || status == 204 || status == 304 {
+            out.push(wire);
+            continue;
+        }
+        if let Some(len) = wire.field("content-length") {
+            let len: usize = len.parse().expect("a length");
+            wire.body = raw[..len].to_vec();
+            raw = &raw[len..];
+        } else {
+            assert_eq!(wire.field("transfer-encoding"), Some("chunked"), "{wire:?}");
+            loop {
+                let line_end = raw
+                    .windows(2)
+                    .position(|w| w == b"\r\n")
+                    .expect("size line");
+                let size = std::str::from_utf8(&raw[..line_end]).expect("hex");
+                let size = usize::from_str_radix(size, 16).expect("a chunk size");
+                raw = &raw[line_end + 2..];
+                if size == 0 {
+                    assert!(raw.starts_with(b"\r\n"), "no trailers expected");
+                    raw = &raw[2..];
+                    break;
+                }
+                wire.body.extend_from_slice(&raw[..size]);
+                assert_eq!(&raw[size..size + 2], b"\r\n", "chunk end");
+                raw = &raw[size + 2..];
+            }
+        }
+        out.push(wire);
+    }
+    assert!(
+        raw.is_empty(),
+        "unexpected bytes after the responses: {:?}",
+        String::from_utf8_lossy(raw)
+    );
+    out
+}
+
+/// Sends `bytes` in one write and reads until the proxy closes.
+async fn exchange(proxy: &ProxyProcess, bytes: &[u8]) -> Vec<u8> {
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    stream.write_all(bytes).await.expect("send");
+    read_to_close(&mut stream).await
+}
+
+async fn read_to_close(stream: &mut TcpStream) -> Vec<u8> {
+    let mut raw = Vec::new();
+    tokio::time::timeout(BOUND, stream.read_to_end(&mut raw))
+        .await
+        .expect("the proxy closes the connection in time")
+        .expect("read");
+    raw
+}
+
+/// An upstream that answers `/fixed` with 1 KiB of a known length,
+/// `/stream` with 3 pieces of unknown length, `/empty` with 204, and
+/// anything else with the method, path and request body.
+async fn upstream() -> Upstream {
+    Upstream::start(
+        Router::new()
+            .route("/fixed", get(|| async { vec![b'f'; KIB] }))
+            .route(
+                "/stream",
+                get(|| async {
+                    let pieces = ["one ", "two ", "three"]
+                        .map(|p| Ok::<_, std::io::Error>(Bytes::from_static(p.as_bytes())));
+                    Body::from_stream(futures_util::stream::iter(pieces))
+                }),
+            )
+            .route("/empty", get(|| async { StatusCode::NO_CONTENT }))
+            .fallback(any(|req: Request| async move {
+                let (parts, body) = req.into_parts();
+                let body = body.collect().await.expect("request body").to_bytes();
+                format!(
+                    "{} {} {}",
+                    parts.method,
+                    parts.uri.path(),
+                    String::from_utf8_lossy(&body)
+                )
+            })),
+    )
+    .await
+}
+
+async fn proxy_to(upstream: &Upstream) -> ProxyProcess {
+    ProxyProcess::start(&config(&[("a.test", &upstream.url())], "", NO_RATE_LIMIT))
+}
+
+#[tokio::test]
+async fn bodies_are_delimited_as_their_heads_say_on_one_connection() {
+    let upstream = upstream().await;
+    let proxy = proxy_to(&upstream).await;
+    let raw = exchange(
+        &proxy,
+        concat!(
+            "GET /fixed HTTP/1.1\r\nHost: a.test\r\n\r\n",
+            "HEAD /fixed HTTP/1.1\r\nHost: a.test\r\n\r\n",
+            "GET /stream HTTP/1.1\r\nHost: a.test\r\n\r\n",
+            "GET /empty HTTP/1.1\r\nHost: a.test\r\n\r\n",
+            "GET /fixed HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
+        )
+        .as_bytes(),
+    )
+    .await;
+    let got = responses(&raw, &[false, true, false, false, false]);
+
+    assert_eq!(got[0].status, 200);
+    assert_eq!(got[0].body, vec![b'f'; KIB]);
+    assert!(got[0].field("date").is_some(), "{:?}", got[0]);
+
+    // HEAD: the length of what GET would send, and no body.
+    assert_eq!(got[1].status, 200);
+    assert_eq!(got[1].field("content-length"), Some("1024"));
+
+    // No length known in advance: chunked.
+    assert_eq!(got[2].status, 200);
+    assert_eq!(got[2].field("content-length"), None);
+    assert_eq!(got[2].body, b"one two three");
+
+    // 204: neither a length nor a body.
+    assert_eq!(got[3].status, 204);
+    assert_eq!(got[3].field("content-length"), None);
+    assert_eq!(got[3].field("transfer-encoding"), None);
+
+    assert_eq!(got[4].status, 200);
+    assert_eq!(got[4].field("connection"), Some("close"));
+    assert_eq!(got[4].body, vec![b'f'; KIB]);
+    assert_eq!(upstream.hits(), 5);
+}
+
+#[tokio::test]
+async fn requests_with_bodies_after_bodiless_ones_on_one_connection() {
+    let upstream = upstream().await;
+    let proxy = proxy_to(&upstream).await;
+    let raw = exchange(
+        &proxy,
+        concat!(
+            "GET /first HTTP/1.1\r\nHost: a.test\r\n\r\n",
+            "POST /second HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\n\r\nhello",
+            "GET /third HTTP/1.1\r\nHost: a.test\r\n\r\n",
+            "PUT /fourth HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "3\r\nabc\r\n0\r\n\r\n",
+            "GET /fifth HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
+        )
+        .as_bytes(),
+    )
+    .await;
+    let got = responses(&raw, &[false; 5]);
+    let bodies: Vec<String> = got
+        .iter()
+        .map(|r| {
+            assert_eq!(r.status, 200, "{r:?}");
+            String::from_utf8_lossy(&r.body).into_owned()
+        })
+        .collect();
+    assert_eq!(
+        bodies,
+        [
+            "GET /first ",
+            "POST /second hello",
+            "GET /third ",
+            "PUT /fourth abc",
+            "GET /fifth ",
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_head_that_arrives_in_pieces_is_answered() {
+    let upstream = upstream().await;
+    let proxy = proxy_to(&upstream).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    let head = b"GET /pieces HTTP/1.1\r\nHost: a.test\r\nUser-Agent: slow-but-fine\r\nConnection: close\r\n\r\n";
+    for piece in head.chunks(7) {
+        stream.write_all(piece).await.expect("send");
+        stream.flush().await.expect("flush");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let raw = read_to_close(&mut stream).await;
+    let got = responses(&raw, &[false]);
+    assert_eq!(got[0].status, 200);
+    assert_eq!(got[0].body, b"GET /pieces ");
+}
+
+#[tokio::test]
+async fn keep_alive_connection_serves_requests_sent_one_after_another() {
+    let upstream = upstream().await;
+    let proxy = proxy_to(&upstream).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    for i in 0..3 {
+        let request = format!("GET /n{i} HTTP/1.1\r\nHost: a.test\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("send");
+        let expected = format!("GET /n{i} ");
+        let mut raw = Vec::new();
+        let mut buf = [0; 4096];
+        let wire = tokio::time::timeout(BOUND, async {
+            loop {
+                let n = stream.read(&mut buf).await.expect("read");
+                assert!(n > 0, "closed after {i} responses");
+                raw.extend_from_slice(&buf[..n]);
+                if raw.ends_with(expected.as_bytes()) {
+                    return responses(&raw, &[false]).remove(0);
+                }
+            }
+        })
+        .await
+        .expect("a response in time");
+        assert_eq!(wire.status, 200);
+        assert_eq!(wire.field("connection"), None, "{wire:?}");
+    }
+}
+
+/// Sets its flag when dropped.
+struct DropFlag(Arc<AtomicBool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_before_its_response_cancels_the_upstream_request() {
+    let dropped = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&dropped);
+    let slow = Upstream::start(Router::new().route(
+        "/slow",
+        get(move || {
+            let flag = DropFlag(Arc::clone(&flag));
+            async move {
+                let _flag = flag;
+                tokio::time::sleep(BOUND * 2).await;
+                "late"
+            }
+        }),
+    ))
+    .await;
+    let proxy = proxy_to(&slow).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    stream
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .expect("send");
+    tokio::time::timeout(BOUND, async {
+        while slow.hits() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the request reaches the upstream");
+    drop(stream);
+    // The proxy gives up the upstream exchange, so the upstream's handler
+    // is dropped long before it would have answered.
+    tokio::time::timeout(BOUND, async {
+        while !dropped.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the upstream request is cancelled");
+}
