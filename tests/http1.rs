@@ -126,7 +126,8 @@ async fn read_to_close(stream: &mut TcpStream) -> Vec<u8> {
 }
 
 /// An upstream that answers `/fixed` with 1 KiB of a known length,
-/// `/stream` with 3 pieces of unknown length, `/empty` with 204, and
+/// `/stream` with 3 pieces of unknown length, `/empty` with 204, `/reason`
+/// with a reason phrase of its own, and
 /// anything else with the method, path and request body.
 async fn upstream() -> Upstream {
     Upstream::start(
@@ -141,6 +142,16 @@ async fn upstream() -> Upstream {
                 }),
             )
             .route("/empty", get(|| async { StatusCode::NO_CONTENT }))
+            .route(
+                "/reason",
+                get(|| async {
+                    let mut response = axum::response::Response::new(Body::from("ok"));
+                    response
+                        .extensions_mut()
+                        .insert(hyper::ext::ReasonPhrase::from_static(b"Fine Thanks"));
+                    response
+                }),
+            )
             .fallback(any(|req: Request| async move {
                 let (parts, body) = req.into_parts();
                 let body = body.collect().await.expect("request body").to_bytes();
@@ -238,6 +249,31 @@ async fn requests_with_bodies_after_bodiless_ones_on_one_connection() {
     );
 }
 
+/// A client that half-closes (`shutdown(SHUT_WR)`, as `nc -N` does) is
+/// taken to have gone, as hyper and nginx take it (nginx logs `499`): the
+/// request being waited for when the end of its input shows is abandoned.
+/// Requests it sent ahead of that one are still answered, in order.
+#[tokio::test]
+async fn a_half_close_abandons_only_the_request_it_is_noticed_behind() {
+    let upstream = upstream().await;
+    let proxy = proxy_to(&upstream).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    stream
+        .write_all(
+            concat!(
+                "GET /a HTTP/1.1\r\nHost: a.test\r\n\r\n",
+                "GET /b HTTP/1.1\r\nHost: a.test\r\n\r\n",
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("send");
+    stream.shutdown().await.expect("shutdown");
+    let raw = read_to_close(&mut stream).await;
+    let got = responses(&raw, &[false]);
+    assert_eq!(got[0].body, b"GET /a ");
+}
+
 #[tokio::test]
 async fn a_head_that_arrives_in_pieces_is_answered() {
     let upstream = upstream().await;
@@ -331,4 +367,69 @@ async fn a_client_that_leaves_before_its_response_cancels_the_upstream_request()
     })
     .await
     .expect("the upstream request is cancelled");
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_during_a_quiet_response_body_releases_it() {
+    let dropped = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&dropped);
+    let quiet = Upstream::start(Router::new().route(
+        "/events",
+        get(move || {
+            let flag = DropFlag(Arc::clone(&flag));
+            async move {
+                // One event, then nothing for as long as the body lives.
+                let first = futures_util::stream::once(async {
+                    Ok::<_, std::io::Error>(Bytes::from_static(b"event: one"))
+                });
+                let quiet = futures_util::stream::poll_fn(move |_| {
+                    let _held = &flag;
+                    std::task::Poll::Pending
+                });
+                Body::from_stream(futures_util::StreamExt::chain(first, quiet))
+            }
+        }),
+    ))
+    .await;
+    let proxy = proxy_to(&quiet).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    stream
+        .write_all(b"GET /events HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .expect("send");
+    let mut raw = Vec::new();
+    let mut buf = [0; 4096];
+    tokio::time::timeout(BOUND, async {
+        while !raw.windows(10).any(|w| w == b"event: one") {
+            let n = stream.read(&mut buf).await.expect("read");
+            assert!(n > 0, "closed early");
+            raw.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("the first event in time");
+    drop(stream);
+    tokio::time::timeout(BOUND, async {
+        while !dropped.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the upstream response is given up");
+}
+
+#[tokio::test]
+async fn an_upstream_reason_phrase_is_passed_on() {
+    let upstream = upstream().await;
+    let proxy = proxy_to(&upstream).await;
+    let raw = exchange(
+        &proxy,
+        b"GET /reason HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        raw.starts_with(b"HTTP/1.1 200 Fine Thanks\r\n"),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
 }

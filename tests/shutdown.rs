@@ -8,6 +8,7 @@ use std::io::ErrorKind;
 use std::time::{Duration, Instant};
 
 use axum::Router;
+use axum::body::{Body, Bytes};
 use axum::routing::get;
 use common::lifecycle::{client_to, ws_connect, ws_echo, ws_roundtrip};
 use common::{ProxyProcess, Upstream, config, field, read_until_close, status_of};
@@ -34,6 +35,16 @@ async fn upstream() -> Upstream {
                 get(|| async {
                     tokio::time::sleep(Duration::from_secs(3600)).await;
                     "too late"
+                }),
+            )
+            .route(
+                "/endless",
+                get(|| async {
+                    let piece = Bytes::from(vec![b'e'; 64 * 1024]);
+                    let pieces = futures_util::stream::repeat_with(move || {
+                        Ok::<_, std::io::Error>(piece.clone())
+                    });
+                    Body::from_stream(pieces)
                 }),
             )
             .route("/ws", get(ws_echo)),
@@ -188,6 +199,30 @@ async fn requests_outliving_the_deadline_are_cut() {
     // The client gets no answer, only the closed connection.
     let out = read_until_close(&mut hanging, Duration::from_secs(5)).await;
     assert!(out.is_empty(), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_at_the_deadline() {
+    let upstream = upstream().await;
+    let mut proxy = start(&upstream, 2);
+    // Asks for a body without end and never reads it: the proxy's writes
+    // to it soon cannot go on.
+    let _stuck = send_raw(&proxy, "/endless").await;
+    wait_for_hits(&upstream, 1).await;
+
+    let signalled = Instant::now();
+    proxy.signal("TERM");
+    assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(0));
+    let took = signalled.elapsed();
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(6),
+        "exit after {took:?}, expected at the 2 s deadline"
+    );
+    let stopped = proxy.wait_for_line(|l| l.contains(" STOPPED "), Duration::from_secs(5));
+    assert!(
+        stopped.contains(" WARN STOPPED cut_connections=1 cut_tunnels=0 "),
+        "{stopped}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -42,7 +42,7 @@ use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri, Version};
 use http_body::Body as _;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep, sleep_until, timeout};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tracing::debug;
 
 use super::MAX_HEADERS;
@@ -170,14 +170,16 @@ where
         let in_flight = conn.activity.start_request();
         let mut response = Box::pin(conn.pipeline.serve(conn.info, head.request));
         // While the answer is awaited, the client's side is read too: a
-        // client that goes away cancels its request, as with hyper.
+        // client that goes away cancels its request, as with hyper. Only
+        // while nothing is buffered: requests sent ahead are answered even
+        // if the client has stopped sending (half-closed) after them.
         let response = loop {
-            let room = pending.len() < conn.max_header_bytes;
+            let watch = pending.is_empty();
             tokio::select! {
                 biased;
                 response = &mut response => break response,
                 () = &mut kill => return Outcome::Closed,
-                read = read_some(&mut io, &mut pending), if room => match read {
+                read = read_some(&mut io, &mut pending), if watch => match read {
                     Ok(0) => {
                         debug!(%peer, "client closed the connection before its response");
                         return Outcome::Closed;
@@ -191,16 +193,14 @@ where
             }
         };
         let keep_alive = head.keep_alive && !conn.stop.is_cancelled();
-        let sent = send(
-            &mut io,
-            response,
-            method_is_head,
-            keep_alive,
-            conn.idle_timeout,
-            kill.as_mut(),
-            timer.as_mut(),
-        )
-        .await;
+        let client = Client {
+            io: &mut io,
+            pending: &mut pending,
+            stall: conn.idle_timeout,
+            timer: timer.as_mut(),
+            kill: kill.as_mut(),
+        };
+        let sent = send(client, response, method_is_head, keep_alive).await;
         drop(in_flight);
         match sent {
             Sent::KeepAlive => {}
@@ -363,16 +363,26 @@ enum Framing {
     Chunked,
 }
 
-/// Writes `response`. A client that takes none of it for `stall` is given
-/// up on (`timer` measures that); `kill` ends it at once.
-async fn send<I: AsyncWrite + Unpin>(
-    io: &mut I,
+/// The client's side of a connection while a response is written to it.
+struct Client<'a, 'k, I> {
+    io: &'a mut I,
+    /// Where bytes the client sends ahead go.
+    pending: &'a mut BytesMut,
+    /// A client that takes no response bytes for this long is given up on.
+    stall: Duration,
+    /// Measures `stall`.
+    timer: Pin<&'a mut Sleep>,
+    /// Ends the response at once.
+    kill: Pin<&'a mut WaitForCancellationFuture<'k>>,
+}
+
+/// Writes `response` to `client`. A client that closes while the body is
+/// awaited is noticed.
+async fn send<I: AsyncRead + AsyncWrite + Unpin>(
+    mut client: Client<'_, '_, I>,
     response: Response,
     method_is_head: bool,
     keep_alive: bool,
-    stall: Duration,
-    mut kill: Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
-    mut timer: Pin<&mut Sleep>,
 ) -> Sent {
     let (parts, mut body) = response.into_parts();
     let exact = body.size_hint().exact();
@@ -382,19 +392,12 @@ async fn send<I: AsyncWrite + Unpin>(
         .filter(|&len| len <= GATHER)
         .unwrap_or(0);
     let mut out = Vec::with_capacity(HEAD_ROOM + parts.headers.len() * FIELD_ROOM + body_room);
-    let (framing, close) = encode_head(
-        &mut out,
-        parts.status,
-        &parts.headers,
-        exact,
-        method_is_head,
-        !keep_alive,
-    );
+    let (framing, close) = encode_head(&mut out, &parts, exact, method_is_head, !keep_alive);
     drop(parts);
     let mut remaining = match framing {
         Framing::Empty => {
             drop(body);
-            return match write(io, &out, stall, timer.as_mut()).await {
+            return match client.write(&out).await {
                 Ok(()) if close => Sent::Close,
                 Ok(()) => Sent::KeepAlive,
                 Err(why) => Sent::Failed(why),
@@ -410,15 +413,22 @@ async fn send<I: AsyncWrite + Unpin>(
             Some(frame) => frame,
             None => {
                 if !out.is_empty() {
-                    if let Err(why) = write(io, &out, stall, timer.as_mut()).await {
+                    if let Err(why) = client.write(&out).await {
                         return Sent::Failed(why);
                     }
                     out.clear();
                 }
-                tokio::select! {
-                    biased;
-                    frame = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)) => frame,
-                    () = kill.as_mut() => return Sent::Failed("closed at shutdown"),
+                loop {
+                    let watch = client.pending.is_empty();
+                    tokio::select! {
+                        biased;
+                        frame = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)) => break frame,
+                        () = client.kill.as_mut() => return Sent::Failed("closed at shutdown"),
+                        read = read_some(client.io, client.pending), if watch => match read {
+                            Ok(0) | Err(_) => return Sent::Failed("client closed the connection"),
+                            Ok(_) => {}
+                        },
+                    }
                 }
             }
         };
@@ -432,7 +442,7 @@ async fn send<I: AsyncWrite + Unpin>(
             Some(Err(_)) => {
                 // Whatever was gathered still goes out; the client sees
                 // the body end early.
-                let _ = write(io, &out, stall, timer.as_mut()).await;
+                let _ = client.write(&out).await;
                 return Sent::Failed("response body failed");
             }
         };
@@ -442,7 +452,7 @@ async fn send<I: AsyncWrite + Unpin>(
         let len = data.len() as u64;
         if let Framing::Length(_) = framing {
             if len > remaining {
-                let _ = write(io, &out, stall, timer.as_mut()).await;
+                let _ = client.write(&out).await;
                 return Sent::Failed("response body longer than its content-length");
             }
             remaining -= len;
@@ -453,11 +463,11 @@ async fn send<I: AsyncWrite + Unpin>(
         if out.len() + data.len() <= GATHER {
             out.extend_from_slice(&data);
         } else {
-            if let Err(why) = write(io, &out, stall, timer.as_mut()).await {
+            if let Err(why) = client.write(&out).await {
                 return Sent::Failed(why);
             }
             out.clear();
-            if let Err(why) = write(io, &data, stall, timer.as_mut()).await {
+            if let Err(why) = client.write(&data).await {
                 return Sent::Failed(why);
             }
         }
@@ -468,13 +478,13 @@ async fn send<I: AsyncWrite + Unpin>(
     drop(body);
     match framing {
         Framing::Length(_) if remaining > 0 => {
-            let _ = write(io, &out, stall, timer.as_mut()).await;
+            let _ = client.write(&out).await;
             return Sent::Failed("response body shorter than its content-length");
         }
         Framing::Chunked => out.extend_from_slice(b"0\r\n\r\n"),
         Framing::Length(_) | Framing::Empty => {}
     }
-    if let Err(why) = write(io, &out, stall, timer.as_mut()).await {
+    if let Err(why) = client.write(&out).await {
         return Sent::Failed(why);
     }
     if close { Sent::Close } else { Sent::KeepAlive }
@@ -492,51 +502,52 @@ fn poll_ready_frame(
     }
 }
 
-/// Writes and flushes `bytes`, unless the client takes none of them for
-/// `stall`. Most writes are taken at once; `timer` is set only for one
-/// that is not, and set again whenever the client takes some.
-async fn write<I: AsyncWrite + Unpin>(
-    io: &mut I,
-    bytes: &[u8],
-    stall: Duration,
-    mut timer: Pin<&mut Sleep>,
-) -> Result<(), &'static str> {
-    const FAILED: &str = "client connection failed";
-    let mut written = 0;
-    let mut armed = false;
-    poll_fn(|cx| {
-        loop {
-            let progress = if written < bytes.len() {
-                match Pin::new(&mut *io).poll_write(cx, &bytes[written..]) {
-                    Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Err(FAILED)),
-                    Poll::Ready(Ok(n)) => {
-                        written += n;
-                        true
+impl<I: AsyncWrite + Unpin> Client<'_, '_, I> {
+    /// Writes and flushes `bytes`, unless the client takes none of them for
+    /// `stall` or `kill` fires. Most writes are taken at once; the timer is
+    /// set only for one that is not, and set again whenever the client
+    /// takes some.
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), &'static str> {
+        const FAILED: &str = "client connection failed";
+        let mut written = 0;
+        let mut armed = false;
+        poll_fn(|cx| {
+            loop {
+                let progress = if written < bytes.len() {
+                    match Pin::new(&mut *self.io).poll_write(cx, &bytes[written..]) {
+                        Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Err(FAILED)),
+                        Poll::Ready(Ok(n)) => {
+                            written += n;
+                            true
+                        }
+                        Poll::Pending => false,
                     }
-                    Poll::Pending => false,
+                } else {
+                    match Pin::new(&mut *self.io).poll_flush(cx) {
+                        Poll::Ready(Ok(())) => return Poll::Ready(Ok(())),
+                        Poll::Ready(Err(_)) => return Poll::Ready(Err(FAILED)),
+                        Poll::Pending => false,
+                    }
+                };
+                if progress {
+                    armed = false;
+                    continue;
                 }
-            } else {
-                match Pin::new(&mut *io).poll_flush(cx) {
-                    Poll::Ready(Ok(())) => return Poll::Ready(Ok(())),
-                    Poll::Ready(Err(_)) => return Poll::Ready(Err(FAILED)),
-                    Poll::Pending => false,
+                if self.kill.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err("closed at shutdown"));
                 }
-            };
-            if progress {
-                armed = false;
-                continue;
+                if !armed {
+                    self.timer.as_mut().reset(Instant::now() + self.stall);
+                    armed = true;
+                }
+                return match self.timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err("client stopped reading its response")),
+                    Poll::Pending => Poll::Pending,
+                };
             }
-            if !armed {
-                timer.as_mut().reset(Instant::now() + stall);
-                armed = true;
-            }
-            return match timer.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Err("client stopped reading its response")),
-                Poll::Pending => Poll::Pending,
-            };
-        }
-    })
-    .await
+        })
+        .await
+    }
 }
 
 /// Writes the status line and header fields into `out`, and chooses how
@@ -545,22 +556,32 @@ async fn write<I: AsyncWrite + Unpin>(
 /// the framing and whether the connection closes after this response.
 fn encode_head(
     out: &mut Vec<u8>,
-    status: StatusCode,
-    headers: &HeaderMap,
+    head: &http::response::Parts,
     exact: Option<u64>,
     method_is_head: bool,
     mut close: bool,
 ) -> (Framing, bool) {
+    let status = head.status;
+    let headers = &head.headers;
+    // An upstream's own reason phrase, which hyper's client keeps only
+    // when it is not the usual one for the status.
+    let reason = head.extensions.get::<hyper::ext::ReasonPhrase>();
     let code = status.as_u16();
     let no_length = status.is_informational() || code == 204;
     let bodyless = method_is_head || no_length || code == 304;
-    if status == StatusCode::OK {
+    if status == StatusCode::OK && reason.is_none() {
         out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
     } else {
         out.extend_from_slice(b"HTTP/1.1 ");
         out.extend_from_slice(status.as_str().as_bytes());
         out.push(b' ');
-        out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+        match reason {
+            Some(reason) => out.extend_from_slice(reason.as_bytes()),
+            None => {
+                let canonical = status.canonical_reason().unwrap_or("<none>");
+                out.extend_from_slice(canonical.as_bytes());
+            }
+        }
         out.extend_from_slice(b"\r\n");
     }
     let mut length = None;
@@ -658,6 +679,10 @@ impl<I: AsyncRead + Unpin> AsyncRead for Replay<I> {
         let n = this.replay.len().min(buf.remaining());
         buf.put_slice(&this.replay[..n]);
         this.replay.advance(n);
+        if this.replay.is_empty() {
+            // An emptied slice would still keep its whole buffer alive.
+            this.replay = Bytes::new();
+        }
         Poll::Ready(Ok(()))
     }
 }
