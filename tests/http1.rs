@@ -319,6 +319,17 @@ async fn keep_alive_connection_serves_requests_sent_one_after_another() {
     }
 }
 
+/// Waits (bounded) until `done` holds.
+async fn wait_for(what: &str, done: impl Fn() -> bool) {
+    tokio::time::timeout(BOUND, async {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}: not in time"));
+}
+
 /// Sets its flag when dropped.
 struct DropFlag(Arc<AtomicBool>);
 
@@ -350,23 +361,14 @@ async fn a_client_that_leaves_before_its_response_cancels_the_upstream_request()
         .write_all(b"GET /slow HTTP/1.1\r\nHost: a.test\r\n\r\n")
         .await
         .expect("send");
-    tokio::time::timeout(BOUND, async {
-        while slow.hits() == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the request reaches the upstream");
+    wait_for("the request reaches the upstream", || slow.hits() > 0).await;
     drop(stream);
     // The proxy gives up the upstream exchange, so the upstream's handler
     // is dropped long before it would have answered.
-    tokio::time::timeout(BOUND, async {
-        while !dropped.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    wait_for("the upstream request is cancelled", || {
+        dropped.load(Ordering::SeqCst)
     })
-    .await
-    .expect("the upstream request is cancelled");
+    .await;
 }
 
 #[tokio::test]
@@ -409,13 +411,10 @@ async fn a_client_that_leaves_during_a_quiet_response_body_releases_it() {
     .await
     .expect("the first event in time");
     drop(stream);
-    tokio::time::timeout(BOUND, async {
-        while !dropped.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    wait_for("the upstream response is given up", || {
+        dropped.load(Ordering::SeqCst)
     })
-    .await
-    .expect("the upstream response is given up");
+    .await;
 }
 
 #[tokio::test]

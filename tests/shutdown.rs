@@ -175,6 +175,21 @@ async fn sigterm_lets_requests_in_flight_finish() {
     assert_eq!(upstream.hits(), 3);
 }
 
+/// The proxy, signalled at `signalled` with a 2 s shutdown timeout, exited
+/// at the deadline and reports cutting one connection.
+fn assert_one_cut_at_the_deadline(proxy: &mut ProxyProcess, signalled: Instant) {
+    let took = signalled.elapsed();
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(6),
+        "exit after {took:?}, expected at the 2 s deadline"
+    );
+    let stopped = proxy.wait_for_line(|l| l.contains(" STOPPED "), Duration::from_secs(5));
+    assert!(
+        stopped.contains(" WARN STOPPED cut_connections=1 cut_tunnels=0 "),
+        "{stopped}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_outliving_the_deadline_are_cut() {
     let upstream = upstream().await;
@@ -186,16 +201,7 @@ async fn requests_outliving_the_deadline_are_cut() {
     proxy.signal("TERM");
     assert_listener_closed(&mut proxy);
     assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(0));
-    let took = signalled.elapsed();
-    assert!(
-        took >= Duration::from_millis(1900) && took < Duration::from_secs(6),
-        "exit after {took:?}, expected at the 2 s deadline"
-    );
-    let stopped = proxy.wait_for_line(|l| l.contains(" STOPPED "), Duration::from_secs(5));
-    assert!(
-        stopped.contains(" WARN STOPPED cut_connections=1 cut_tunnels=0 "),
-        "{stopped}"
-    );
+    assert_one_cut_at_the_deadline(&mut proxy, signalled);
     // The client gets no answer, only the closed connection.
     let out = read_until_close(&mut hanging, Duration::from_secs(5)).await;
     assert!(out.is_empty(), "{out}");
@@ -213,16 +219,7 @@ async fn a_client_that_stops_reading_is_cut_at_the_deadline() {
     let signalled = Instant::now();
     proxy.signal("TERM");
     assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(0));
-    let took = signalled.elapsed();
-    assert!(
-        took >= Duration::from_millis(1900) && took < Duration::from_secs(6),
-        "exit after {took:?}, expected at the 2 s deadline"
-    );
-    let stopped = proxy.wait_for_line(|l| l.contains(" STOPPED "), Duration::from_secs(5));
-    assert!(
-        stopped.contains(" WARN STOPPED cut_connections=1 cut_tunnels=0 "),
-        "{stopped}"
-    );
+    assert_one_cut_at_the_deadline(&mut proxy, signalled);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

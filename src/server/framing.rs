@@ -412,7 +412,7 @@ fn parse_head(bytes: &[u8]) -> Result<Option<(usize, Framing)>, ()> {
 }
 
 /// A `Content-Length` value: decimal digits only, no sign, no list.
-fn parse_length(value: &[u8]) -> Option<u64> {
+pub(super) fn parse_length(value: &[u8]) -> Option<u64> {
     let digits = value.trim_ascii();
     if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
         return None;

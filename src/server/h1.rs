@@ -48,6 +48,7 @@ use tracing::debug;
 use super::MAX_HEADERS;
 use super::activity::Activity;
 use super::date;
+use super::framing::parse_length;
 use crate::conn_info::ConnInfo;
 use crate::router::Pipeline;
 
@@ -592,7 +593,7 @@ fn encode_head(
             if no_length || length.is_some() {
                 continue;
             }
-            match parse_length(value) {
+            match parse_length(value.as_bytes()) {
                 Some(len) => length = Some(len),
                 None => continue,
             }
@@ -644,14 +645,6 @@ fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
-}
-
-fn parse_length(value: &HeaderValue) -> Option<u64> {
-    let digits = value.as_bytes();
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 /// A stream with bytes already read from it put back in front.
