@@ -26,6 +26,7 @@
 //! systemd notifications, shutdown) and [`cli`] (arguments and exit codes).
 
 pub mod admin;
+mod body_framing;
 pub mod body_timeout;
 pub mod cli;
 pub mod client_ip;

@@ -68,9 +68,15 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
         && headers
             .get_all(header::CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+            .any(|v| lists_token(v.as_bytes(), b"upgrade"))
+}
+
+/// Whether a comma-separated field value such as `Connection`'s lists
+/// `token` (compared without regard to case).
+pub fn lists_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|item| item.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// Whether a request's `Transfer-Encoding`, if any, is exactly `chunked`.

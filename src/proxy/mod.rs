@@ -2,6 +2,7 @@
 //! upstream, stream both bodies, and account for the exchange ([`access`]).
 
 pub mod access;
+pub mod client;
 pub mod headers;
 pub mod host;
 pub mod pool;
@@ -255,7 +256,15 @@ impl Forwarded<'_> {
             );
             return Ok(response);
         }
-        headers::remove_hop_by_hop(response.headers_mut(), false);
+        let fields = response.headers_mut();
+        if fields.contains_key(header::TRANSFER_ENCODING) {
+            // The transfer coding framed the body, and it goes as the
+            // client's side frames it: a length sent along would be the
+            // upstream's other, ignored, claim (RFC 9112 §6.3 has a proxy
+            // remove it).
+            fields.remove(header::CONTENT_LENGTH);
+        }
+        headers::remove_hop_by_hop(fields, false);
         Ok(response)
     }
 }

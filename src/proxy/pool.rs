@@ -4,7 +4,10 @@
 //! pool is a stack of idle connections: a request takes the one used most
 //! recently (the least likely to have been closed by the upstream) or opens
 //! a new one, and the response body gives it back once the upstream has sent
-//! all of it. Each upstream's pool is found together with its site
+//! all of it. There are two stacks: plain connections for GET and HEAD
+//! requests without a body, which the request's task drives itself
+//! ([`super::client`]), and connections driven by hyper's client for the
+//! rest. Each upstream's pool is found together with its site
 //! ([`super::upstream`]), so taking and returning a connection is a pop and a
 //! push under an uncontended lock: no key to hash, and no task per request
 //! to wait for the connection to become idle, which is what a general
@@ -21,14 +24,16 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use bytes::Bytes;
+use futures_util::future::Either;
 use http::uri::Authority;
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use super::client;
 use crate::config::Upstream;
 
 /// How long an unused connection is kept. Upstreams such as Forgejo (Go's
@@ -49,6 +54,8 @@ pub enum UpstreamError {
     ConnectTimeout(Duration),
     #[error("exchange with the upstream: {0}")]
     Exchange(#[source] hyper::Error),
+    #[error("exchange with the upstream: {0}")]
+    Plain(#[source] client::Error),
 }
 
 impl UpstreamError {
@@ -65,13 +72,19 @@ pub struct UpstreamPool {
     target: String,
     connect_timeout: Duration,
     idle_timeout: Duration,
-    /// Oldest first; requests take from the back.
-    idle: Mutex<VecDeque<Idle>>,
+    idle: Mutex<Idle>,
     sweeper_started: AtomicBool,
 }
 
+/// The idle connections, oldest first; requests take from the back.
+#[derive(Default)]
 struct Idle {
-    sender: SendRequest<Body>,
+    hyper: VecDeque<Parked<SendRequest<Body>>>,
+    plain: VecDeque<Parked<TcpStream>>,
+}
+
+struct Parked<C> {
+    conn: C,
     since: Instant,
 }
 
@@ -90,7 +103,7 @@ impl UpstreamPool {
             target: upstream.connect_target(),
             connect_timeout,
             idle_timeout,
-            idle: Mutex::new(VecDeque::new()),
+            idle: Mutex::new(Idle::default()),
             sweeper_started: AtomicBool::new(false),
         })
     }
@@ -100,10 +113,30 @@ impl UpstreamPool {
     }
 
     /// Sends `req` (origin-form target, `Host` set) on an idle connection,
-    /// or on a new one when none is idle. A request that an idle connection
-    /// failed to take before writing any of it (the upstream closed that
-    /// connection just then) goes on to the next connection.
-    pub async fn send(
+    /// or on a new one when none is idle. An idle connection may have been
+    /// closed by the upstream just then: a request it failed to take before
+    /// writing any of it goes on to the next connection, and a GET or HEAD
+    /// that got no byte of answer on it is sent once more, on a new
+    /// connection.
+    pub fn send(
+        self: &Arc<Self>,
+        req: Request<Body>,
+    ) -> impl Future<Output = Result<Response<PooledBody>, UpstreamError>> + Send + '_ {
+        if client::takes(&req) {
+            // The head is encoded here, once, in case an idle connection
+            // turns out to be closed and it must go again on another; the
+            // future then holds only the encoded head.
+            let head_only = req.method() == Method::HEAD;
+            Either::Left(self.send_plain(client::encode(&req), head_only))
+        } else {
+            // Boxed: hyper's exchange is the larger future by far, and the
+            // requests that need it are the few.
+            Either::Right(Box::pin(self.send_hyper(req)))
+        }
+    }
+
+    /// [`send`](Self::send) through hyper's client.
+    async fn send_hyper(
         self: &Arc<Self>,
         mut req: Request<Body>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
@@ -122,10 +155,12 @@ impl UpstreamPool {
                             pool: Arc::clone(self),
                             sender,
                         });
-                    return Ok(response.map(|inner| PooledBody {
-                        inner,
-                        ended: false,
-                        back,
+                    return Ok(response.map(|inner| {
+                        PooledBody(Kind::Hyper(HyperBody {
+                            inner,
+                            ended: false,
+                            back,
+                        }))
                     }));
                 }
                 Err(mut e) => match e.take_message() {
@@ -136,8 +171,32 @@ impl UpstreamPool {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, VecDeque<Idle>> {
-        // The queue holds no invariant a panic could break halfway.
+    /// [`send`](Self::send) for a request [`client`] takes, encoded.
+    async fn send_plain(
+        self: &Arc<Self>,
+        request: Vec<u8>,
+        head_only: bool,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        let mut pooled = self.checkout_plain();
+        loop {
+            let reused = pooled.is_some();
+            let stream = match pooled.take() {
+                Some(stream) => stream,
+                None => Box::pin(self.connect_plain()).await?,
+            };
+            match client::exchange(stream, &request, head_only, self).await {
+                Ok(response) => return Ok(response.map(|body| PooledBody(Kind::Plain(body)))),
+                // Once only, and never on another pooled connection: an
+                // upstream that closes without answering this request
+                // runs it at most twice.
+                Err(e) if reused && e.unanswered() => {}
+                Err(e) => return Err(UpstreamError::Plain(e)),
+            }
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Idle> {
+        // The stacks hold no invariant a panic could break halfway.
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -145,12 +204,35 @@ impl UpstreamPool {
     /// closed or expired ones met on the way are dropped.
     fn checkout(&self) -> Option<SendRequest<Body>> {
         let mut idle = self.lock();
-        while let Some(entry) = idle.pop_back() {
-            if entry.sender.is_ready() && entry.since.elapsed() < self.idle_timeout {
-                return Some(entry.sender);
+        while let Some(entry) = idle.hyper.pop_back() {
+            if entry.conn.is_ready() && entry.since.elapsed() < self.idle_timeout {
+                return Some(entry.conn);
             }
         }
         None
+    }
+
+    /// [`checkout`](Self::checkout) for plain connections.
+    fn checkout_plain(&self) -> Option<TcpStream> {
+        let mut idle = self.lock();
+        while let Some(entry) = idle.plain.pop_back() {
+            if open(&entry.conn) && entry.since.elapsed() < self.idle_timeout {
+                return Some(entry.conn);
+            }
+        }
+        None
+    }
+
+    /// Gives back a plain connection whose response has been read to the
+    /// end.
+    pub(super) fn put_plain(&self, stream: TcpStream) {
+        let mut idle = self.lock();
+        if idle.plain.len() < MAX_IDLE {
+            idle.plain.push_back(Parked {
+                conn: stream,
+                since: Instant::now(),
+            });
+        }
     }
 
     /// Gives back a connection whose last response has been read to the
@@ -173,25 +255,30 @@ impl UpstreamPool {
 
     fn put_ready(&self, sender: SendRequest<Body>) {
         let mut idle = self.lock();
-        if idle.len() < MAX_IDLE {
-            idle.push_back(Idle {
-                sender,
+        if idle.hyper.len() < MAX_IDLE {
+            idle.hyper.push_back(Parked {
+                conn: sender,
                 since: Instant::now(),
             });
         }
     }
 
     async fn connect(self: &Arc<Self>) -> Result<SendRequest<Body>, UpstreamError> {
-        let stream = self.dial().await?;
-        stream.set_nodelay(true).map_err(UpstreamError::Connect)?;
+        let stream = self.connect_plain().await?;
         let (sender, connection) = http1::handshake(TokioIo::new(stream))
             .await
             .map_err(UpstreamError::Exchange)?;
         // The connection's errors reach the request in flight through
         // `sender`; when it ends, nothing is left to report.
         tokio::spawn(connection.with_upgrades());
-        self.start_sweeper();
         Ok(sender)
+    }
+
+    async fn connect_plain(self: &Arc<Self>) -> Result<TcpStream, UpstreamError> {
+        let stream = self.dial().await?;
+        stream.set_nodelay(true).map_err(UpstreamError::Connect)?;
+        self.start_sweeper();
+        Ok(stream)
     }
 
     /// Opens a TCP connection to the upstream. A name is resolved first
@@ -237,11 +324,21 @@ impl UpstreamPool {
                 let Some(cutoff) = Instant::now().checked_sub(idle_timeout) else {
                     continue;
                 };
-                pool.lock()
-                    .retain(|entry| entry.since > cutoff && !entry.sender.is_closed());
+                let mut idle = pool.lock();
+                idle.hyper
+                    .retain(|entry| entry.since > cutoff && !entry.conn.is_closed());
+                idle.plain
+                    .retain(|entry| entry.since > cutoff && open(&entry.conn));
             }
         });
     }
+}
+
+/// Whether an idle plain connection is still open: nothing has arrived on
+/// it, not even the upstream's close. This costs no system call unless
+/// the connection has become readable since its last read.
+fn open(stream: &TcpStream) -> bool {
+    matches!(stream.try_read(&mut [0; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
 /// Where a connection goes back to.
@@ -251,17 +348,64 @@ struct Returning {
 }
 
 /// An upstream response body that returns its connection to the pool
-/// when it is dropped after being read to the end. Dropped earlier (the
-/// client went away) or after an error, the connection is closed instead:
-/// the rest of that response would still be on it.
-pub struct PooledBody {
+/// once it has been read to the end. Dropped earlier (the client went
+/// away) or after an error, the connection is closed instead: the rest of
+/// that response would still be on it.
+pub struct PooledBody(Kind);
+
+enum Kind {
+    Hyper(HyperBody),
+    Plain(client::ResponseBody),
+}
+
+/// Why a response body broke off.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+    #[error(transparent)]
+    Plain(#[from] client::Error),
+}
+
+impl http_body::Body for PooledBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match &mut self.0 {
+            Kind::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::from),
+            Kind::Plain(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::from),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            Kind::Hyper(body) => body.is_end_stream(),
+            Kind::Plain(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            Kind::Hyper(body) => body.size_hint(),
+            Kind::Plain(body) => body.size_hint(),
+        }
+    }
+}
+
+/// A body from hyper's client; its connection goes back when it is dropped
+/// after its end.
+struct HyperBody {
     inner: Incoming,
     /// Whether the body said it has no more frames.
     ended: bool,
     back: Option<Returning>,
 }
 
-impl http_body::Body for PooledBody {
+impl http_body::Body for HyperBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
@@ -287,7 +431,7 @@ impl http_body::Body for PooledBody {
     }
 }
 
-impl Drop for PooledBody {
+impl Drop for HyperBody {
     fn drop(&mut self) {
         if (self.ended || self.inner.is_end_stream())
             && let Some(back) = self.back.take()
@@ -313,11 +457,21 @@ mod tests {
         }
     }
 
-    fn get(path: &str) -> Request<Body> {
-        Request::get(path)
+    /// A GET goes on a plain connection, a POST (even without a body) on
+    /// one of hyper's.
+    const METHODS: [Method; 2] = [Method::GET, Method::POST];
+
+    fn request(method: &Method, path: &str) -> Request<Body> {
+        Request::builder()
+            .method(method)
+            .uri(path)
             .header(http::header::HOST, "a.test")
             .body(Body::empty())
             .expect("request")
+    }
+
+    fn get(path: &str) -> Request<Body> {
+        request(&Method::GET, path)
     }
 
     /// Reads one request head from `socket`; `None` at end of stream.
@@ -357,87 +511,105 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_is_reused_and_closed_after_the_idle_timeout() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let pool = UpstreamPool::with_idle_timeout(
-            &upstream(listener.local_addr().expect("addr")),
-            WAIT,
-            Duration::from_millis(200),
-        );
-        let client = {
-            let pool = Arc::clone(&pool);
-            tokio::spawn(async move {
-                for path in ["/one", "/two"] {
-                    let response = pool.send(get(path)).await.expect("response");
-                    assert_eq!(body_of(response).await, "ok");
-                }
-            })
-        };
-        let (mut socket, _) = listener.accept().await.expect("accept");
-        for path in ["/one", "/two"] {
-            let head = read_head(&mut socket).await.expect("a request");
-            assert!(
-                head.starts_with(&format!("GET {path} HTTP/1.1\r\n")),
-                "{head}"
+        for method in METHODS {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let pool = UpstreamPool::with_idle_timeout(
+                &upstream(listener.local_addr().expect("addr")),
+                WAIT,
+                Duration::from_millis(200),
             );
-            respond(&mut socket, "ok").await;
+            let client = {
+                let pool = Arc::clone(&pool);
+                let method = method.clone();
+                tokio::spawn(async move {
+                    for path in ["/one", "/two"] {
+                        let response = pool.send(request(&method, path)).await.expect("response");
+                        assert_eq!(body_of(response).await, "ok");
+                    }
+                })
+            };
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            for path in ["/one", "/two"] {
+                let head = read_head(&mut socket).await.expect("a request");
+                assert!(
+                    head.starts_with(&format!("{method} {path} HTTP/1.1\r\n")),
+                    "{head}"
+                );
+                respond(&mut socket, "ok").await;
+            }
+            client.await.expect("client");
+            // Both requests came on the one connection; now idle, it is
+            // closed by the pool within the timeout and a quarter.
+            let started = Instant::now();
+            assert_eq!(read_head(&mut socket).await, None);
+            assert!(started.elapsed() < Duration::from_secs(2), "{method}");
         }
-        client.await.expect("client");
-        // Both requests came on the one connection; now idle, it is closed
-        // by the pool within the timeout and a quarter.
-        let started = Instant::now();
-        assert_eq!(read_head(&mut socket).await, None);
-        assert!(started.elapsed() < Duration::from_secs(2));
     }
 
     #[tokio::test]
     async fn a_response_not_read_to_the_end_does_not_return_its_connection() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let pool = UpstreamPool::new(&upstream(listener.local_addr().expect("addr")), WAIT);
-        let client = {
-            let pool = Arc::clone(&pool);
-            tokio::spawn(async move {
-                let mut response = pool.send(get("/partial")).await.expect("response");
-                let first = response.body_mut().frame().await.expect("a frame");
-                assert_eq!(first.expect("data").into_data().expect("data"), "part");
-                drop(response);
-                let response = pool.send(get("/next")).await.expect("response");
-                assert_eq!(body_of(response).await, "next");
-            })
-        };
-        let (mut first, _) = listener.accept().await.expect("accept");
-        read_head(&mut first).await.expect("a request");
-        first
-            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\npart")
-            .await
-            .expect("write");
-        // The rest of that body is never sent: the next request must come
-        // on a new connection, and this one is closed.
-        let (mut second, _) = listener.accept().await.expect("accept");
-        let head = read_head(&mut second).await.expect("a request");
-        assert!(head.starts_with("GET /next HTTP/1.1\r\n"), "{head}");
-        respond(&mut second, "next").await;
-        client.await.expect("client");
-        assert_eq!(read_head(&mut first).await, None);
+        for method in METHODS {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let pool = UpstreamPool::new(&upstream(listener.local_addr().expect("addr")), WAIT);
+            let client = {
+                let pool = Arc::clone(&pool);
+                let method = method.clone();
+                tokio::spawn(async move {
+                    let mut response = pool
+                        .send(request(&method, "/partial"))
+                        .await
+                        .expect("response");
+                    let first = response.body_mut().frame().await.expect("a frame");
+                    assert_eq!(first.expect("data").into_data().expect("data"), "part");
+                    drop(response);
+                    let response = pool
+                        .send(request(&method, "/next"))
+                        .await
+                        .expect("response");
+                    assert_eq!(body_of(response).await, "next");
+                })
+            };
+            let (mut first, _) = listener.accept().await.expect("accept");
+            read_head(&mut first).await.expect("a request");
+            first
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\npart")
+                .await
+                .expect("write");
+            // The rest of that body is never sent: the next request must
+            // come on a new connection, and this one is closed.
+            let (mut second, _) = listener.accept().await.expect("accept");
+            let head = read_head(&mut second).await.expect("a request");
+            assert!(
+                head.starts_with(&format!("{method} /next HTTP/1.1\r\n")),
+                "{head}"
+            );
+            respond(&mut second, "next").await;
+            client.await.expect("client");
+            assert_eq!(read_head(&mut first).await, None, "{method}");
+        }
     }
 
     #[tokio::test]
     async fn an_upstream_that_closes_after_every_response_is_dialled_again() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let pool = UpstreamPool::new(&upstream(listener.local_addr().expect("addr")), WAIT);
-        let upstream = tokio::spawn(async move {
-            // Each connection answers one request and is then closed, as
-            // an upstream may do to an idle connection at any moment.
+        for method in METHODS {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let pool = UpstreamPool::new(&upstream(listener.local_addr().expect("addr")), WAIT);
+            let upstream = tokio::spawn(async move {
+                // Each connection answers one request and is then closed,
+                // as an upstream may do to an idle connection at any
+                // moment.
+                for _ in 0..3 {
+                    let (mut socket, _) = listener.accept().await.expect("accept");
+                    read_head(&mut socket).await.expect("a request");
+                    respond(&mut socket, "ok").await;
+                }
+            });
             for _ in 0..3 {
-                let (mut socket, _) = listener.accept().await.expect("accept");
-                read_head(&mut socket).await.expect("a request");
-                respond(&mut socket, "ok").await;
+                let response = pool.send(request(&method, "/")).await.expect("response");
+                assert_eq!(body_of(response).await, "ok", "{method}");
             }
-        });
-        for _ in 0..3 {
-            let response = pool.send(get("/")).await.expect("response");
-            assert_eq!(body_of(response).await, "ok");
+            upstream.await.expect("upstream");
         }
-        upstream.await.expect("upstream");
     }
 
     #[tokio::test]

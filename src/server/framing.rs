@@ -44,6 +44,7 @@ use tracing::{debug, info};
 use super::activity::Activity;
 
 use super::MAX_HEADERS;
+use crate::body_framing::{Chunk, Step, parse_length};
 
 /// What hyper is handed instead of (the rest of) a refused head. A NUL is
 /// invalid at every position of a request head, so hyper fails to parse
@@ -82,24 +83,6 @@ enum State {
     /// A request was refused: the unparsable head is handed over from this
     /// offset, then the stream ends.
     Refused(usize),
-}
-
-/// Where a chunked body is, named after hyper's decoder states; the size or
-/// the bytes of data left ride along where they matter.
-#[derive(Clone, Copy)]
-enum Chunk {
-    Start,
-    Size(u64),
-    SizeLws(u64),
-    Extension(u64),
-    SizeLf(u64),
-    Data(u64),
-    DataCr,
-    DataLf,
-    EndCr,
-    Trailer,
-    TrailerLf,
-    EndLf,
 }
 
 /// The outcome of inspecting a run of bytes.
@@ -411,15 +394,6 @@ fn parse_head(bytes: &[u8]) -> Result<Option<(usize, Framing)>, ()> {
     Ok(Some((len, framing)))
 }
 
-/// A `Content-Length` value: decimal digits only, no sign, no list.
-pub(super) fn parse_length(value: &[u8]) -> Option<u64> {
-    let digits = value.trim_ascii();
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(digits).ok()?.parse().ok()
-}
-
 impl Chunk {
     /// Follows a chunked body through `bytes`. Returns the bytes used and,
     /// when the body ended (or broke the grammar, which hyper refuses), the
@@ -447,45 +421,6 @@ impl Chunk {
         }
         (at, None)
     }
-
-    /// One byte of chunk framing, by hyper's grammar; `None` where hyper
-    /// fails the body.
-    fn step(self, byte: u8) -> Option<Step> {
-        let next = match (self, byte) {
-            (Chunk::Start, _) => Chunk::Size(hex_digit(byte)?),
-            (Chunk::Size(size), b'\t' | b' ') => Chunk::SizeLws(size),
-            (Chunk::Size(size) | Chunk::SizeLws(size), b';') => Chunk::Extension(size),
-            (Chunk::Size(size) | Chunk::SizeLws(size) | Chunk::Extension(size), b'\r') => {
-                Chunk::SizeLf(size)
-            }
-            (Chunk::Size(size), _) => {
-                Chunk::Size(size.checked_mul(16)?.checked_add(hex_digit(byte)?)?)
-            }
-            (Chunk::SizeLws(size), b'\t' | b' ') => Chunk::SizeLws(size),
-            (Chunk::Extension(_), b'\n') => return None,
-            (Chunk::Extension(size), _) => Chunk::Extension(size),
-            (Chunk::SizeLf(0), b'\n') => Chunk::EndCr,
-            (Chunk::SizeLf(size), b'\n') => Chunk::Data(size),
-            (Chunk::DataCr, b'\r') => Chunk::DataLf,
-            (Chunk::DataLf, b'\n') => Chunk::Start,
-            (Chunk::EndCr, b'\r') => Chunk::EndLf,
-            (Chunk::Trailer, b'\r') => Chunk::TrailerLf,
-            (Chunk::EndCr | Chunk::Trailer, _) => Chunk::Trailer,
-            (Chunk::TrailerLf, b'\n') => Chunk::EndCr,
-            (Chunk::EndLf, b'\n') => return Some(Step::Done),
-            _ => return None,
-        };
-        Some(Step::Next(next))
-    }
-}
-
-enum Step {
-    Next(Chunk),
-    Done,
-}
-
-fn hex_digit(byte: u8) -> Option<u64> {
-    char::from(byte).to_digit(16).map(u64::from)
 }
 
 #[cfg(test)]
@@ -627,22 +562,5 @@ mod tests {
         input.extend(std::iter::repeat_n(b'a', 2000));
         input.extend_from_slice(b"\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n");
         assert_eq!(through(&input, 100, 8192).await, input);
-    }
-
-    #[test]
-    fn content_length_values() {
-        assert_eq!(parse_length(b"0"), Some(0));
-        assert_eq!(parse_length(b" 42 "), Some(42));
-        for bad in [
-            &b""[..],
-            b"+5",
-            b"-1",
-            b"1,2",
-            b"5 5",
-            b"0x5",
-            b"99999999999999999999999",
-        ] {
-            assert_eq!(parse_length(bad), None, "{bad:?}");
-        }
     }
 }

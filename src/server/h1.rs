@@ -48,8 +48,9 @@ use tracing::debug;
 use super::MAX_HEADERS;
 use super::activity::Activity;
 use super::date;
-use super::framing::parse_length;
+use crate::body_framing::parse_length;
 use crate::conn_info::ConnInfo;
+use crate::proxy::headers::lists_token;
 use crate::router::Pipeline;
 
 /// Bytes one read may take. A request head is usually a few hundred bytes;
@@ -601,10 +602,7 @@ fn encode_head(
             // The body's delimiting is chosen here.
             continue;
         } else if *name == CONNECTION {
-            says_close |= value
-                .as_bytes()
-                .split(|&b| b == b',')
-                .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"));
+            says_close |= lists_token(value.as_bytes(), b"close");
         } else if *name == DATE {
             has_date = true;
         }
