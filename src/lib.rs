@@ -3,16 +3,18 @@
 //!
 //! The path of a request, and the module that handles each step:
 //!
-//! - [`server`]: accept (connection limit, accept back-off), HTTP/1.1 and
-//!   HTTP/2 via hyper-util, ambiguous HTTP/1 framing refused before hyper
-//!   parses it, timeouts, idle close, graceful drain.
+//! - [`server`]: accept (connection limit, accept back-off), HTTP/1.1
+//!   (bodiless GET and HEAD by the proxy's own code, the rest by hyper)
+//!   and HTTP/2 via hyper-util, ambiguous HTTP/1 framing refused before
+//!   hyper parses it, timeouts, idle close, graceful drain.
 //! - [`tls`]: the TLS handshake on the main listener, certificates from
 //!   ACME or from files chosen by SNI.
 //! - [`router`]: the request pipeline: `/health`, the rate limit, the proxy.
 //! - [`client_ip`]: who the client is (trusted proxies, `X-Forwarded-For`).
 //! - [`ratelimit`]: per-client token buckets in front of the proxy (`429`).
-//! - [`proxy`]: host routing, header rewriting, streaming to the upstream,
-//!   upgrades.
+//! - [`proxy`]: host routing, header rewriting, streaming to the upstream
+//!   over pooled connections (bodiless GET and HEAD by the proxy's own
+//!   HTTP/1.1 client, the rest by hyper's), upgrades.
 //! - [`body_timeout`]: request bodies that stop arriving are cut off.
 //! - [`logging`]: the access lines and where they go.
 //! - [`metrics`]: Prometheus counters and histograms, recorded along the
