@@ -357,10 +357,12 @@ impl Head {
 /// A response body from [`exchange`].
 pub struct ResponseBody(State);
 
+#[derive(Default)]
 enum State {
     /// All of it, or nothing once taken.
     Whole(Bytes),
     Reading(Reading),
+    #[default]
     Done,
 }
 
@@ -397,14 +399,14 @@ impl http_body::Body for ResponseBody {
                     // was the last data drops the body without asking for
                     // more: the connection goes back now.
                     if let Framing::Length(0) = reading.framing
-                        && let State::Reading(reading) = take_state(state)
+                        && let State::Reading(reading) = take(state)
                     {
                         reading.finish();
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Ok(None) => {
-                    if let State::Reading(reading) = take_state(state) {
+                    if let State::Reading(reading) = take(state) {
                         reading.finish();
                     }
                     None
@@ -436,10 +438,6 @@ impl http_body::Body for ResponseBody {
             State::Done => SizeHint::with_exact(0),
         }
     }
-}
-
-fn take_state(state: &mut State) -> State {
-    std::mem::replace(state, State::Done)
 }
 
 impl Reading {

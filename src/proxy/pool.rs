@@ -203,36 +203,22 @@ impl UpstreamPool {
     /// The most recently used connection that can take a request now;
     /// closed or expired ones met on the way are dropped.
     fn checkout(&self) -> Option<SendRequest<Body>> {
-        let mut idle = self.lock();
-        while let Some(entry) = idle.hyper.pop_back() {
-            if entry.conn.is_ready() && entry.since.elapsed() < self.idle_timeout {
-                return Some(entry.conn);
-            }
-        }
-        None
+        take_newest(
+            &mut self.lock().hyper,
+            self.idle_timeout,
+            SendRequest::is_ready,
+        )
     }
 
     /// [`checkout`](Self::checkout) for plain connections.
     fn checkout_plain(&self) -> Option<TcpStream> {
-        let mut idle = self.lock();
-        while let Some(entry) = idle.plain.pop_back() {
-            if open(&entry.conn) && entry.since.elapsed() < self.idle_timeout {
-                return Some(entry.conn);
-            }
-        }
-        None
+        take_newest(&mut self.lock().plain, self.idle_timeout, open)
     }
 
     /// Gives back a plain connection whose response has been read to the
     /// end.
     pub(super) fn put_plain(&self, stream: TcpStream) {
-        let mut idle = self.lock();
-        if idle.plain.len() < MAX_IDLE {
-            idle.plain.push_back(Parked {
-                conn: stream,
-                since: Instant::now(),
-            });
-        }
+        park(&mut self.lock().plain, stream);
     }
 
     /// Gives back a connection whose last response has been read to the
@@ -254,13 +240,7 @@ impl UpstreamPool {
     }
 
     fn put_ready(&self, sender: SendRequest<Body>) {
-        let mut idle = self.lock();
-        if idle.hyper.len() < MAX_IDLE {
-            idle.hyper.push_back(Parked {
-                conn: sender,
-                since: Instant::now(),
-            });
-        }
+        park(&mut self.lock().hyper, sender);
     }
 
     async fn connect(self: &Arc<Self>) -> Result<SendRequest<Body>, UpstreamError> {
@@ -330,6 +310,31 @@ impl UpstreamPool {
                 idle.plain
                     .retain(|entry| entry.since > cutoff && open(&entry.conn));
             }
+        });
+    }
+}
+
+/// The most recently parked connection that is younger than `max_age`
+/// and `usable`; the others met on the way are dropped.
+fn take_newest<C>(
+    stack: &mut VecDeque<Parked<C>>,
+    max_age: Duration,
+    usable: impl Fn(&C) -> bool,
+) -> Option<C> {
+    while let Some(entry) = stack.pop_back() {
+        if usable(&entry.conn) && entry.since.elapsed() < max_age {
+            return Some(entry.conn);
+        }
+    }
+    None
+}
+
+/// Parks `conn` on top of `stack`, unless [`MAX_IDLE`] are parked already.
+fn park<C>(stack: &mut VecDeque<Parked<C>>, conn: C) {
+    if stack.len() < MAX_IDLE {
+        stack.push_back(Parked {
+            conn,
+            since: Instant::now(),
         });
     }
 }
