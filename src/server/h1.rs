@@ -24,8 +24,10 @@
 //! and a client that takes no response bytes for `idle_timeout` is
 //! dropped.
 
+use std::cell::Cell;
 use std::io::{self, Write as _};
 use std::mem::MaybeUninit;
+use std::ops::{Deref, DerefMut};
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -393,7 +395,7 @@ async fn send<I: AsyncRead + AsyncWrite + Unpin>(
         .and_then(|len| usize::try_from(len).ok())
         .filter(|&len| len <= GATHER)
         .unwrap_or(0);
-    let mut out = Vec::with_capacity(HEAD_ROOM + parts.headers.len() * FIELD_ROOM + body_room);
+    let mut out = OutBuf::with_capacity(HEAD_ROOM + parts.headers.len() * FIELD_ROOM + body_room);
     let (framing, close) = encode_head(&mut out, &parts, exact, method_is_head, !keep_alive);
     drop(parts);
     let mut remaining = match framing {
@@ -490,6 +492,52 @@ async fn send<I: AsyncRead + AsyncWrite + Unpin>(
         return Sent::Failed(why);
     }
     if close { Sent::Close } else { Sent::KeepAlive }
+}
+
+thread_local! {
+    /// The buffer of the last response this thread finished, kept for the
+    /// next one. Every response needs one of a kilobyte or more, beyond the
+    /// allocator's per-thread cache: taking it from the heap and giving it
+    /// back for each response cost more than the rest of the response's
+    /// allocations.
+    static SPARE_OUT: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
+
+/// A response's gathering buffer, taken from [`SPARE_OUT`] and left there
+/// when the response is done with it. A thread keeps at most one, of at
+/// most twice [`GATHER`].
+struct OutBuf(Vec<u8>);
+
+impl OutBuf {
+    fn with_capacity(capacity: usize) -> Self {
+        let mut buf = SPARE_OUT.try_with(Cell::take).unwrap_or_default();
+        buf.reserve(capacity);
+        Self(buf)
+    }
+}
+
+impl Deref for OutBuf {
+    type Target = Vec<u8>;
+    fn deref(&self) -> &Vec<u8> {
+        &self.0
+    }
+}
+
+impl DerefMut for OutBuf {
+    fn deref_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.0
+    }
+}
+
+impl Drop for OutBuf {
+    fn drop(&mut self) {
+        if self.0.capacity() <= 2 * GATHER {
+            let mut buf = std::mem::take(&mut self.0);
+            buf.clear();
+            // While the thread's locals are torn down, it is freed instead.
+            let _ = SPARE_OUT.try_with(|spare| spare.set(buf));
+        }
+    }
 }
 
 /// The body's next frame if it is there now; `None` if it must be waited
