@@ -22,6 +22,28 @@ pub fn ip_header(ip: IpAddr) -> HeaderValue {
         .unwrap_or(HeaderValue::from_static("unknown"))
 }
 
+/// Every octet's decimal text followed by a dot, padded to four bytes, and
+/// the length of the text with its dot: the access line writes the
+/// client's address for every request.
+const OCTETS: [([u8; 4], u8); 256] = {
+    let mut table = [([0; 4], 0); 256];
+    let mut n = 0;
+    while n < 256 {
+        let digits = [
+            b'0' + (n / 100) as u8,
+            b'0' + (n / 10 % 10) as u8,
+            b'0' + (n % 10) as u8,
+        ];
+        table[n] = match n {
+            0..=9 => ([digits[2], b'.', 0, 0], 2),
+            10..=99 => ([digits[1], digits[2], b'.', 0], 3),
+            _ => ([digits[0], digits[1], digits[2], b'.'], 4),
+        };
+        n += 1;
+    }
+    table
+};
+
 /// An address as text, formatted on the stack. Every proxied request
 /// writes its client's address into two headers and the access line, and
 /// the standard library's `Display` for addresses goes through the general
@@ -42,18 +64,14 @@ impl IpText {
         };
         match ip {
             IpAddr::V4(v4) => {
-                for (i, octet) in v4.octets().into_iter().enumerate() {
-                    if i > 0 {
-                        text.push(b'.');
-                    }
-                    if octet >= 100 {
-                        text.push(b'0' + octet / 100);
-                    }
-                    if octet >= 10 {
-                        text.push(b'0' + octet / 10 % 10);
-                    }
-                    text.push(b'0' + octet % 10);
+                // Each octet with its dot, four bytes at a time; the last
+                // dot is dropped.
+                for octet in v4.octets() {
+                    let (dotted, len) = OCTETS[usize::from(octet)];
+                    text.buf[text.len..][..4].copy_from_slice(&dotted);
+                    text.len += usize::from(len);
                 }
+                text.len -= 1;
             }
             IpAddr::V6(v6) => {
                 let mut rest = &mut text.buf[..];
@@ -63,11 +81,6 @@ impl IpText {
             }
         }
         text
-    }
-
-    fn push(&mut self, byte: u8) {
-        self.buf[self.len] = byte;
-        self.len += 1;
     }
 
     pub fn as_bytes(&self) -> &[u8] {

@@ -78,6 +78,11 @@ fn bad_upstream_url() {
         ("http://127.0.0.1:3000/app", "no path or query"),
         ("http://user@127.0.0.1:3000", "user information"),
         ("http://[::1", "not a URL"),
+        (
+            "http://a=b:3000",
+            "host \"a=b\" is not a host name or IP address",
+        ),
+        ("http://a!b", "not a host name or IP address"),
     ] {
         let (code, _, err) = validate(&GOOD.replace("http://127.0.0.1:8080", bad));
         assert_eq!(code, 2, "{bad}");

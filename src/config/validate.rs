@@ -501,6 +501,10 @@ impl Validator {
                 Some("must not contain user information".to_owned())
             }
             (Some("http"), Some(a)) if a.host().is_empty() => Some("has no host".to_owned()),
+            (Some("http"), Some(a)) if !is_upstream_host(a.host()) => Some(format!(
+                "host {:?} is not a host name or IP address (letters, digits, '-', '_' and '.')",
+                a.host()
+            )),
             (Some("http"), Some(_)) if !matches!(uri.path(), "" | "/") || uri.query().is_some() => {
                 Some(
                     "must be an origin like \"http://127.0.0.1:3000\" (no path or query)"
@@ -615,6 +619,20 @@ pub fn host_matches(pattern: &str, host: &str) -> bool {
 
 /// Checks a lower-cased DNS name (RFC 1123 labels). Every request's host is
 /// checked here too, hence bytes rather than `str` searching.
+/// An upstream's host: a name of letters, digits, `-`, `_` and `.` (looser
+/// than [`check_dns_name`]: container and service names carry `_`), an
+/// IPv4 address, or an IPv6 one in brackets. Access lines write it as it
+/// is, which is safe only because nothing else gets through.
+fn is_upstream_host(host: &str) -> bool {
+    if let Some(inner) = host.strip_prefix('[') {
+        return inner
+            .strip_suffix(']')
+            .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok());
+    }
+    host.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
 pub fn check_dns_name(name: &str) -> Result<(), &'static str> {
     if name.is_empty() {
         return Err("empty");

@@ -10,7 +10,6 @@
 
 use std::cell::RefCell;
 use std::fmt;
-use std::net::IpAddr;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -18,7 +17,6 @@ use http::{Method, Version};
 
 use super::batch::BatchWriter;
 use super::{Escape, escape_for, timestamp, write_escaped_carefully, write_json_string};
-use crate::client_ip::IpText;
 use crate::config::AccessLogFormat;
 
 /// Where `REQUEST` lines go, settled once by [`super::init`].
@@ -44,8 +42,13 @@ thread_local! {
 /// One `REQUEST` line. Text that a client or the configuration controls is
 /// escaped as it is written; a missing value is `-`.
 pub struct RequestLine<'a> {
-    pub client_ip: IpAddr,
+    /// The address as text (the connection formats its peer's once).
+    pub client_ip: &'a [u8],
     pub host: &'a str,
+    /// `host` and `upstream` are a configured site's: a validated DNS name
+    /// and host and port, which never need escaping. Otherwise `host` is
+    /// whatever the client sent.
+    pub site: bool,
     pub method: &'a Method,
     pub path: &'a str,
     pub status: u16,
@@ -106,19 +109,37 @@ impl RequestLine<'_> {
         });
     }
 
+    /// A value that comes from the configuration when the line is a site's.
+    fn configured<'v>(&self, text: &'v str) -> Value<'v> {
+        if self.site {
+            Value::Plain(text.as_bytes())
+        } else {
+            Value::Text(text.as_bytes())
+        }
+    }
+
+    fn write_configured(&self, out: &mut Vec<u8>, text: &str) -> fmt::Result {
+        if self.site {
+            out.extend_from_slice(text.as_bytes());
+            Ok(())
+        } else {
+            write_kv_text(out, text.as_bytes())
+        }
+    }
+
     fn duration_ms(&self) -> u64 {
         u64::try_from(self.duration.as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// The values in [`JSON_KEYS`]' order; `ip` holds the address text.
-    fn values<'v>(&'v self, ip: &'v IpText) -> [Value<'v>; 11] {
+    /// The values in [`JSON_KEYS`]' order.
+    fn values(&self) -> [Value<'_>; 11] {
         [
-            Value::Plain(ip.as_bytes()),
-            Value::Text(self.host.as_bytes()),
+            Value::Plain(self.client_ip),
+            self.configured(self.host),
             Value::Plain(self.method.as_str().as_bytes()),
             Value::Text(self.path.as_bytes()),
             Value::Number(u64::from(self.status)),
-            Value::Text(self.upstream.as_bytes()),
+            self.configured(self.upstream),
             Value::Number(self.duration_ms()),
             Value::Number(self.bytes_sent),
             Value::Text(self.user_agent.unwrap_or(b"-")),
@@ -137,11 +158,11 @@ impl RequestLine<'_> {
         fn number(out: &mut Vec<u8>, n: u64) {
             out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
         }
-        timestamp::write_now(&mut Bytes(out))?;
+        out.extend_from_slice(&timestamp::now());
         out.extend_from_slice(b"  INFO REQUEST client_ip=");
-        out.extend_from_slice(IpText::new(self.client_ip).as_bytes());
+        out.extend_from_slice(self.client_ip);
         out.extend_from_slice(b" host=");
-        write_kv_text(out, self.host.as_bytes())?;
+        self.write_configured(out, self.host)?;
         out.extend_from_slice(b" method=");
         out.extend_from_slice(self.method.as_str().as_bytes());
         out.extend_from_slice(b" path=");
@@ -149,7 +170,7 @@ impl RequestLine<'_> {
         out.extend_from_slice(b" status=");
         number(out, u64::from(self.status));
         out.extend_from_slice(b" upstream=");
-        write_kv_text(out, self.upstream.as_bytes())?;
+        self.write_configured(out, self.upstream)?;
         out.extend_from_slice(b" duration_ms=");
         number(out, self.duration_ms());
         out.extend_from_slice(b" bytes_sent=");
@@ -167,10 +188,9 @@ impl RequestLine<'_> {
     /// `{"ts":"…","level":"INFO","event":"REQUEST","client_ip":"…",…}\n`
     fn write_json(&self, out: &mut Vec<u8>) -> fmt::Result {
         out.extend_from_slice(b"{\"ts\":\"");
-        timestamp::write_now(&mut Bytes(out))?;
+        out.extend_from_slice(&timestamp::now());
         out.extend_from_slice(b"\",\"level\":\"INFO\",\"event\":\"REQUEST\"");
-        let ip = IpText::new(self.client_ip);
-        for (key, value) in JSON_KEYS.into_iter().zip(self.values(&ip)) {
+        for (key, value) in JSON_KEYS.into_iter().zip(self.values()) {
             out.extend_from_slice(key.as_bytes());
             match value {
                 Value::Text(b"-") | Value::Plain(b"-") => out.extend_from_slice(b"null"),
@@ -191,7 +211,10 @@ impl RequestLine<'_> {
 }
 
 /// A `key=value` value from raw bytes, as `super::write_escaped` writes
-/// text (invalid UTF-8 becoming U+FFFD on the careful path).
+/// text (invalid UTF-8 becoming U+FFFD on the careful path). Inlined, with
+/// the rare careful path kept out of line: a call per value cost a fifth
+/// of the check itself.
+#[inline]
 fn write_kv_text(out: &mut Vec<u8>, text: &[u8]) -> fmt::Result {
     match escape_for(text, true) {
         Escape::Bare => out.extend_from_slice(text),
@@ -200,11 +223,15 @@ fn write_kv_text(out: &mut Vec<u8>, text: &[u8]) -> fmt::Result {
             out.extend_from_slice(text);
             out.push(b'"');
         }
-        Escape::Carefully => {
-            write_escaped_carefully(&mut Bytes(out), &String::from_utf8_lossy(text), true)?;
-        }
+        Escape::Carefully => return write_kv_carefully(out, text),
     }
     Ok(())
+}
+
+#[cold]
+#[inline(never)]
+fn write_kv_carefully(out: &mut Vec<u8>, text: &[u8]) -> fmt::Result {
+    write_escaped_carefully(&mut Bytes(out), &String::from_utf8_lossy(text), true)
 }
 
 /// Lets the `fmt::Write` helpers write into the byte buffer.
@@ -296,7 +323,7 @@ mod tests {
         tracing::subscriber::with_default(subscriber, || {
             info!(
                 target: ACCESS,
-                client_ip = line.client_ip.to_string().as_str(),
+                client_ip = std::str::from_utf8(line.client_ip).expect("ascii"),
                 host = line.host,
                 method = line.method.as_str(),
                 path = line.path,
@@ -341,11 +368,16 @@ mod tests {
         for (i, (path, user_agent, upstream)) in hostile.into_iter().enumerate() {
             let line = RequestLine {
                 client_ip: if i % 2 == 0 {
-                    "2001:db8::7".parse().expect("ip")
+                    b"2001:db8::7"
                 } else {
-                    "192.0.2.10".parse().expect("ip")
+                    b"192.0.2.10"
                 },
-                host: if i == 3 { "-" } else { "a.test" },
+                host: match i {
+                    3 => "-",
+                    5 => "a b=\"c\"",
+                    _ => "a.test",
+                },
+                site: upstream != "-" && i != 3 && i != 5,
                 method: if i % 3 == 0 { &Method::GET } else { &extension },
                 path,
                 status: 502,

@@ -4,76 +4,127 @@
 //! Only the microseconds change from one access line to the next, so the
 //! date and time of day are formatted once per second and per thread and
 //! reused; converting and formatting a full date for every request was a
-//! visible share of the request path.
+//! visible share of the request path. The stamp is built as bytes of a
+//! fixed length, so the access line copies it without going through
+//! `fmt::Write`.
 
-use std::cell::RefCell;
+use std::cell::Cell;
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// `2026-11-21T11:42:00.`
+const PREFIX_LEN: usize = 20;
+/// The prefix, six digits of microseconds and `Z`.
+pub const LEN: usize = PREFIX_LEN + 7;
+
 thread_local! {
-    /// The second the prefix is for, and `2026-11-21T11:42:00.` for it.
-    static PREFIX: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    /// The second the prefix is for, and the prefix for it.
+    static PREFIX: Cell<(u64, [u8; PREFIX_LEN])> = const { Cell::new((u64::MAX, [0; PREFIX_LEN])) };
+}
+
+/// The current time as the bytes of a log line's stamp (ASCII).
+pub fn now() -> [u8; LEN] {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    at(now.as_secs(), now.subsec_micros())
 }
 
 /// Writes the current time.
 pub fn write_now(w: &mut impl fmt::Write) -> fmt::Result {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    write_at(w, now.as_secs(), now.subsec_micros())
+    // Always ASCII, so the conversion cannot fail.
+    w.write_str(std::str::from_utf8(&now()).unwrap_or_default())
 }
 
-fn write_at(w: &mut impl fmt::Write, secs: u64, micros: u32) -> fmt::Result {
-    PREFIX.with_borrow_mut(|(second, prefix)| {
-        if *second != secs {
-            *second = secs;
-            prefix.clear();
-            format_prefix(prefix, secs)?;
+fn at(secs: u64, micros: u32) -> [u8; LEN] {
+    let prefix = PREFIX
+        .try_with(|cached| {
+            let (second, prefix) = cached.get();
+            if second == secs {
+                return prefix;
+            }
+            let prefix = format_prefix(secs);
+            cached.set((secs, prefix));
+            prefix
+        })
+        // While the thread's locals are torn down, format it afresh.
+        .unwrap_or_else(|_| format_prefix(secs));
+    let mut stamp = [b'Z'; LEN];
+    stamp[..PREFIX_LEN].copy_from_slice(&prefix);
+    let micros = micros.min(999_999);
+    let pairs = [micros / 10_000, micros / 100 % 100, micros % 100];
+    for (i, pair) in pairs.into_iter().enumerate() {
+        stamp[PREFIX_LEN + 2 * i..][..2].copy_from_slice(two_digits(pair));
+    }
+    stamp
+}
+
+/// `00` to `99`; a table lookup rather than two divisions by ten.
+fn two_digits(n: u32) -> &'static [u8; 2] {
+    const PAIRS: [[u8; 2]; 100] = {
+        let mut pairs = [[0; 2]; 100];
+        let mut i = 0;
+        while i < 100 {
+            pairs[i] = [b'0' + (i / 10) as u8, b'0' + (i % 10) as u8];
+            i += 1;
         }
-        w.write_str(prefix)
-    })?;
-    // One more than a million keeps the leading zeros: "1000007" for 7 µs.
-    let mut digits = itoa::Buffer::new();
-    let digits = digits.format(micros.min(999_999) + 1_000_000);
-    w.write_str(&digits[1..])?;
-    w.write_char('Z')
+        pairs
+    };
+    &PAIRS[n as usize % 100]
 }
 
-fn format_prefix(out: &mut String, secs: u64) -> fmt::Result {
-    use fmt::Write as _;
+fn format_prefix(secs: u64) -> [u8; PREFIX_LEN] {
     let t = i64::try_from(secs)
         .ok()
         .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    write!(
-        out,
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.",
-        t.year(),
+    let year = u32::try_from(t.year()).unwrap_or(0).min(9999);
+    let mut prefix = *b"0000-00-00T00:00:00.";
+    prefix[..2].copy_from_slice(two_digits(year / 100));
+    prefix[2..4].copy_from_slice(two_digits(year % 100));
+    let rest = [
         u8::from(t.month()),
         t.day(),
         t.hour(),
         t.minute(),
-        t.second()
-    )
+        t.second(),
+    ];
+    for (i, n) in rest.into_iter().enumerate() {
+        prefix[5 + 3 * i..][..2].copy_from_slice(two_digits(u32::from(n)));
+    }
+    prefix
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn at(secs: u64, micros: u32) -> String {
-        let mut out = String::new();
-        write_at(&mut out, secs, micros).expect("format");
-        out
+    fn text(secs: u64, micros: u32) -> String {
+        String::from_utf8(at(secs, micros).to_vec()).expect("ascii")
     }
 
     #[test]
     fn formats_like_rfc3339_with_microseconds() {
-        assert_eq!(at(0, 0), "1970-01-01T00:00:00.000000Z");
-        assert_eq!(at(1_795_261_320, 123_456), "2026-11-21T11:42:00.123456Z");
+        assert_eq!(text(0, 0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(text(1_795_261_320, 123_456), "2026-11-21T11:42:00.123456Z");
         // Same second again (cached prefix), then the next one.
-        assert_eq!(at(1_795_261_320, 7), "2026-11-21T11:42:00.000007Z");
-        assert_eq!(at(1_795_261_321, 999_999), "2026-11-21T11:42:01.999999Z");
-        assert_eq!(at(951_782_400, 1), "2000-02-29T00:00:00.000001Z");
+        assert_eq!(text(1_795_261_320, 7), "2026-11-21T11:42:00.000007Z");
+        assert_eq!(text(1_795_261_321, 999_999), "2026-11-21T11:42:01.999999Z");
+        assert_eq!(text(951_782_400, 1), "2000-02-29T00:00:00.000001Z");
+        assert_eq!(text(253_402_300_799, 10), "9999-12-31T23:59:59.000010Z");
+    }
+
+    #[test]
+    fn matches_the_formatter_it_stands_in_for() {
+        use tracing_subscriber::fmt::format::Writer;
+        use tracing_subscriber::fmt::time::{FormatTime, SystemTime as Tracing};
+        let mut theirs = String::new();
+        Tracing
+            .format_time(&mut Writer::new(&mut theirs))
+            .expect("format");
+        let ours = String::from_utf8(now().to_vec()).expect("ascii");
+        // The two clocks were read a moment apart: compare the shape.
+        let shape = |s: &str| s.bytes().map(|b| b.is_ascii_digit()).collect::<Vec<_>>();
+        assert_eq!(shape(&ours), shape(&theirs), "{ours} {theirs}");
     }
 }

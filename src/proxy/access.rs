@@ -22,6 +22,7 @@ use http::{HeaderValue, Method, StatusCode, Uri, Version, header};
 use http_body::{Body as _, Frame, SizeHint};
 use prometheus::IntCounter;
 
+use crate::client_ip::IpText;
 use crate::conn_info::ConnInfo;
 use crate::logging::RequestLine;
 use crate::metrics::SiteMetrics;
@@ -182,8 +183,10 @@ impl<B> Drop for AccountedBody<B> {
         };
         let e = &line.exchange;
         RequestLine {
-            client_ip: e.client,
+            client_ip: IpText::new(e.client).as_bytes(),
             host: line.host.as_str(),
+            // Only a request for a configured site reaches an upstream.
+            site: line.upstream.is_some(),
             method: &e.method,
             path: e.uri.path(),
             status: done.status.as_u16(),
