@@ -9,6 +9,7 @@
 //! disk), lines beyond [`MAX_PENDING`] bytes are dropped and counted on
 //! stderr instead of stalling requests or growing without bound.
 
+use std::fmt;
 use std::io::{self, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
@@ -20,7 +21,9 @@ use tracing_subscriber::fmt::MakeWriter;
 /// enough for fail2ban and `journalctl -f`, long enough that a busy second
 /// costs tens of writes, not tens of thousands.
 const BATCH_DELAY: Duration = Duration::from_millis(10);
-/// Bytes that may wait for the writer; a line that would go beyond is dropped.
+/// Bytes that may wait for the writer; a line that would go beyond is
+/// dropped (formatted in place first, so the buffer's capacity may grow
+/// past this once).
 const MAX_PENDING: usize = 8 * 1024 * 1024;
 /// What the writer's spare buffer shrinks back to after a burst.
 const KEEP_CAPACITY: usize = 256 * 1024;
@@ -116,15 +119,28 @@ fn run<W: Write>(shared: &Shared, mut out: W) {
 impl BatchWriter {
     /// Queues one formatted line (formatters write a whole line at once).
     pub fn append(&self, line: &[u8]) {
+        self.append_with(|buf| {
+            buf.extend_from_slice(line);
+            Ok(())
+        });
+    }
+
+    /// Queues the line that `write` appends to the buffer it is given:
+    /// formatted in place, it is not copied. `write` runs under the
+    /// buffer's lock, so it should only format. A line that fails to
+    /// format, or would take the buffer beyond [`MAX_PENDING`], is
+    /// dropped.
+    pub fn append_with(&self, write: impl FnOnce(&mut Vec<u8>) -> fmt::Result) {
         let mut pending = self.shared.lock();
-        if pending.buf.len() + line.len() > MAX_PENDING {
+        let start = pending.buf.len();
+        let written = start < MAX_PENDING && write(&mut pending.buf).is_ok();
+        if !written || pending.buf.len() > MAX_PENDING {
+            pending.buf.truncate(start);
             pending.dropped += 1;
             return;
         }
-        let was_empty = pending.buf.is_empty();
-        pending.buf.extend_from_slice(line);
         drop(pending);
-        if was_empty {
+        if start == 0 {
             self.shared.wake.notify_one();
         }
     }
@@ -195,5 +211,77 @@ mod tests {
         let s = sink.0.lock().unwrap_or_else(PoisonError::into_inner);
         assert_eq!(s.0, expected);
         assert!(s.1 < 100, "{} writes for 1000 lines", s.1);
+    }
+
+    /// A sink whose first write waits until the test opens it.
+    #[derive(Clone, Default)]
+    struct Gated {
+        out: Sink,
+        /// (writer is waiting, open)
+        state: Arc<(Mutex<(bool, bool)>, Condvar)>,
+    }
+
+    impl Gated {
+        fn set(&self, change: impl FnOnce(&mut (bool, bool))) {
+            let (lock, cond) = &*self.state;
+            change(&mut lock.lock().unwrap_or_else(PoisonError::into_inner));
+            cond.notify_all();
+        }
+
+        fn wait_for(&self, done: impl Fn(&(bool, bool)) -> bool) {
+            let (lock, cond) = &*self.state;
+            let state = lock.lock().unwrap_or_else(PoisonError::into_inner);
+            let (_state, timeout) = cond
+                .wait_timeout_while(state, Duration::from_secs(10), |s| !done(s))
+                .unwrap_or_else(PoisonError::into_inner);
+            assert!(!timeout.timed_out(), "the writer never got there");
+        }
+    }
+
+    impl Write for Gated {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.set(|s| s.0 = true);
+            self.wait_for(|s| s.1);
+            self.out.write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stalled_output_keeps_what_fits_and_drops_the_rest() {
+        let sink = Gated::default();
+        let (writer, guard) = batch("test-log", sink.clone()).expect("thread");
+        writer.append(b"first\n");
+        sink.wait_for(|s| s.0);
+        // The writer is stuck in its first write: exactly what fits waits.
+        let line = [b'x'; 1023].into_iter().chain([b'\n']).collect::<Vec<_>>();
+        let fits = MAX_PENDING / line.len();
+        for _ in 0..fits + 10 {
+            writer.append_with(|out| {
+                out.extend_from_slice(&line);
+                Ok(())
+            });
+        }
+        sink.set(|s| s.1 = true);
+        drop(guard);
+        let s = sink.out.0.lock().unwrap_or_else(PoisonError::into_inner);
+        assert_eq!(s.0.len(), "first\n".len() + fits * line.len());
+    }
+
+    #[test]
+    fn a_line_that_fails_to_format_leaves_nothing() {
+        let sink = Sink::default();
+        let (writer, guard) = batch("test-log", sink.clone()).expect("thread");
+        writer.append(b"one\n");
+        writer.append_with(|out| {
+            out.extend_from_slice(b"half a li");
+            Err(fmt::Error)
+        });
+        writer.append(b"two\n");
+        drop(guard);
+        let s = sink.0.lock().unwrap_or_else(PoisonError::into_inner);
+        assert_eq!(s.0, b"one\ntwo\n");
     }
 }

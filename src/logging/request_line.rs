@@ -8,10 +8,9 @@
 //! two together), and goes to the same batched writers, so its order among
 //! other log lines is kept.
 
-use std::cell::RefCell;
 use std::fmt;
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::{Method, Version};
 
@@ -35,10 +34,6 @@ pub(super) fn install(sinks: Sinks) {
     let _ = SINKS.set(sinks);
 }
 
-thread_local! {
-    static BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
-
 /// One `REQUEST` line. Text that a client or the configuration controls is
 /// escaped as it is written; a missing value is `-`.
 pub struct RequestLine<'a> {
@@ -54,6 +49,8 @@ pub struct RequestLine<'a> {
     pub status: u16,
     pub upstream: &'a str,
     pub duration: Duration,
+    /// When the exchange ended: the line's time stamp.
+    pub ended: Instant,
     pub bytes_sent: u64,
     /// The raw header, which need not be UTF-8.
     pub user_agent: Option<&'a [u8]>,
@@ -81,32 +78,30 @@ impl RequestLine<'_> {
 
     /// Writes the line to every sink that takes it; does nothing before
     /// logging is installed (as a `tracing` event without a subscriber).
+    /// The line is formatted straight into the first sink's buffer and
+    /// copied from there to a second.
     pub fn emit(&self) {
         let Some(sinks) = SINKS.get() else { return };
-        // `try_with`: a body dropped while the thread's locals are torn
-        // down loses its line rather than panicking.
-        let _ = BUF.try_with(|buf| {
-            let buf = &mut *buf.borrow_mut();
-            let kv_file = sinks
-                .file
-                .as_ref()
-                .filter(|(_, format)| *format == AccessLogFormat::Kv)
-                .map(|(writer, _)| writer);
-            if sinks.stdout.is_some() || kv_file.is_some() {
-                buf.clear();
-                if self.write_kv(buf).is_ok() {
-                    for sink in sinks.stdout.iter().chain(kv_file) {
-                        sink.append(buf);
-                    }
+        let kv_file = sinks
+            .file
+            .as_ref()
+            .filter(|(_, format)| *format == AccessLogFormat::Kv)
+            .map(|(writer, _)| writer);
+        let mut kv_sinks = sinks.stdout.iter().chain(kv_file);
+        if let Some(first) = kv_sinks.next() {
+            let second = kv_sinks.next();
+            first.append_with(|out| {
+                let start = out.len();
+                self.write_kv(out)?;
+                if let Some(second) = second {
+                    second.append(&out[start..]);
                 }
-            }
-            if let Some((file, AccessLogFormat::Json)) = &sinks.file {
-                buf.clear();
-                if self.write_json(buf).is_ok() {
-                    file.append(buf);
-                }
-            }
-        });
+                Ok(())
+            });
+        }
+        if let Some((file, AccessLogFormat::Json)) = &sinks.file {
+            file.append_with(|out| self.write_json(out));
+        }
     }
 
     /// A value that comes from the configuration when the line is a site's.
@@ -158,7 +153,7 @@ impl RequestLine<'_> {
         fn number(out: &mut Vec<u8>, n: u64) {
             out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
         }
-        out.extend_from_slice(&timestamp::now());
+        out.extend_from_slice(&timestamp::of(self.ended));
         out.extend_from_slice(b"  INFO REQUEST client_ip=");
         out.extend_from_slice(self.client_ip);
         out.extend_from_slice(b" host=");
@@ -188,7 +183,7 @@ impl RequestLine<'_> {
     /// `{"ts":"…","level":"INFO","event":"REQUEST","client_ip":"…",…}\n`
     fn write_json(&self, out: &mut Vec<u8>) -> fmt::Result {
         out.extend_from_slice(b"{\"ts\":\"");
-        out.extend_from_slice(&timestamp::now());
+        out.extend_from_slice(&timestamp::of(self.ended));
         out.extend_from_slice(b"\",\"level\":\"INFO\",\"event\":\"REQUEST\"");
         for (key, value) in JSON_KEYS.into_iter().zip(self.values()) {
             out.extend_from_slice(key.as_bytes());
@@ -383,6 +378,7 @@ mod tests {
                 status: 502,
                 upstream,
                 duration: Duration::from_micros(12_345),
+                ended: Instant::now(),
                 bytes_sent: u64::MAX,
                 user_agent,
                 tls_version: (i % 2 == 1).then_some("TLSv1.3"),

@@ -10,7 +10,7 @@
 
 use std::cell::Cell;
 use std::fmt;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// `2026-11-21T11:42:00.`
 const PREFIX_LEN: usize = 20;
@@ -18,6 +18,9 @@ const PREFIX_LEN: usize = 20;
 pub const LEN: usize = PREFIX_LEN + 7;
 
 thread_local! {
+    /// A monotonic instant and the wall-clock time (since the epoch) read
+    /// right after it.
+    static ANCHOR: Cell<Option<(Instant, Duration)>> = const { Cell::new(None) };
     /// The second the prefix is for, and the prefix for it.
     static PREFIX: Cell<(u64, [u8; PREFIX_LEN])> = const { Cell::new((u64::MAX, [0; PREFIX_LEN])) };
 }
@@ -28,6 +31,31 @@ pub fn now() -> [u8; LEN] {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
     at(now.as_secs(), now.subsec_micros())
+}
+
+/// The wall-clock time of `at`, an instant the caller has just read, as
+/// the bytes of a log line's stamp. An access line already reads the
+/// monotonic clock for its duration; the wall clock is read only when the
+/// thread's last reading of both is a second old or more, so a change of
+/// the system time shows within a second.
+pub fn of(at: Instant) -> [u8; LEN] {
+    let anchored = ANCHOR.try_with(|anchor| {
+        if let Some((instant, wall)) = anchor.get()
+            && let Some(since) = at.checked_duration_since(instant)
+            && since < Duration::from_secs(1)
+        {
+            return wall + since;
+        }
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        anchor.set(Some((at, wall)));
+        wall
+    });
+    match anchored {
+        Ok(wall) => self::at(wall.as_secs(), wall.subsec_micros()),
+        Err(_) => now(),
+    }
 }
 
 /// Writes the current time.
@@ -112,6 +140,21 @@ mod tests {
         assert_eq!(text(1_795_261_321, 999_999), "2026-11-21T11:42:01.999999Z");
         assert_eq!(text(951_782_400, 1), "2000-02-29T00:00:00.000001Z");
         assert_eq!(text(253_402_300_799, 10), "9999-12-31T23:59:59.000010Z");
+    }
+
+    #[test]
+    fn an_instant_reads_as_the_wall_clock_at_it() {
+        let text = |stamp: [u8; LEN]| String::from_utf8(stamp.to_vec()).expect("ascii");
+        let start = Instant::now();
+        let first = text(of(start));
+        let wall = text(now());
+        // Anchored at `start`: a later instant reads later by the gap.
+        let later = text(of(start + Duration::from_millis(250)));
+        assert!(first <= wall, "{first} {wall}");
+        assert!(first < later, "{first} {later}");
+        let micros = |t: &str| t[17..26].replace('.', "").parse::<u64>().expect("digits");
+        let gap = (micros(&later) + 60_000_000 - micros(&first)) % 60_000_000;
+        assert_eq!(gap, 250_000, "{first} {later}");
     }
 
     #[test]

@@ -174,7 +174,8 @@ impl<B: http_body::Body<Data = Bytes> + Unpin> http_body::Body for AccountedBody
 impl<B> Drop for AccountedBody<B> {
     fn drop(&mut self) {
         let Some(done) = self.done.take() else { return };
-        let elapsed = done.started.elapsed();
+        let ended = Instant::now();
+        let elapsed = ended.saturating_duration_since(done.started);
         if let Some(site) = &done.site {
             site.request_done(&done.method, done.status, elapsed);
         }
@@ -192,6 +193,7 @@ impl<B> Drop for AccountedBody<B> {
             status: done.status.as_u16(),
             upstream: line.upstream.as_ref().map_or("-", Authority::as_str),
             duration: elapsed,
+            ended,
             bytes_sent: self.sent,
             user_agent: e.user_agent.as_ref().map(HeaderValue::as_bytes),
             tls_version: e.tls_version,
