@@ -3,10 +3,10 @@
 //! Every proxied request writes one, so it skips `tracing`: an event hands
 //! each field to its visitor through a dynamic call, twice (the tag comes
 //! first), which cost more than the rest of the line. Here the line is
-//! formatted from plain fields into a reused buffer, byte for byte as the
-//! tracing formatters in the parent module write it (a unit test holds the
-//! two together), and goes to the same batched writers, so its order among
-//! other log lines is kept.
+//! formatted from plain fields straight into the buffer of the batched
+//! writer that the tracing formatters in the parent module write to, byte
+//! for byte as they write it (a unit test holds the two together), so its
+//! order among other log lines is kept.
 
 use std::fmt;
 use std::sync::OnceLock;
@@ -37,7 +37,7 @@ pub(super) fn install(sinks: Sinks) {
 /// One `REQUEST` line. Text that a client or the configuration controls is
 /// escaped as it is written; a missing value is `-`.
 pub struct RequestLine<'a> {
-    /// The address as text (the connection formats its peer's once).
+    /// The client's address as text.
     pub client_ip: &'a [u8],
     pub host: &'a str,
     /// `host` and `upstream` are a configured site's: a validated DNS name
