@@ -80,9 +80,10 @@ fn bad_upstream_url() {
         ("http://[::1", "not a URL"),
         (
             "http://a=b:3000",
-            "host \"a=b\" is not a host name or IP address",
+            "\"a=b:3000\" is not a host name or IP address",
         ),
         ("http://a!b", "not a host name or IP address"),
+        ("http://backend:=x", "with an optional port number"),
     ] {
         let (code, _, err) = validate(&GOOD.replace("http://127.0.0.1:8080", bad));
         assert_eq!(code, 2, "{bad}");

@@ -9,6 +9,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use http::Uri;
+use http::uri::Authority;
 use ipnet::IpNet;
 
 use super::raw::{RawConfig, RawProxy, RawRateLimit, RawServer, RawSite, RawTls};
@@ -501,9 +502,10 @@ impl Validator {
                 Some("must not contain user information".to_owned())
             }
             (Some("http"), Some(a)) if a.host().is_empty() => Some("has no host".to_owned()),
-            (Some("http"), Some(a)) if !is_upstream_host(a.host()) => Some(format!(
-                "host {:?} is not a host name or IP address (letters, digits, '-', '_' and '.')",
-                a.host()
+            (Some("http"), Some(a)) if !is_upstream_authority(a) => Some(format!(
+                "{:?} is not a host name or IP address (letters, digits, '-', '_' and '.') \
+                 with an optional port number",
+                a.as_str()
             )),
             (Some("http"), Some(_)) if !matches!(uri.path(), "" | "/") || uri.query().is_some() => {
                 Some(
@@ -617,22 +619,26 @@ pub fn host_matches(pattern: &str, host: &str) -> bool {
     }
 }
 
-/// Checks a lower-cased DNS name (RFC 1123 labels). Every request's host is
-/// checked here too, hence bytes rather than `str` searching.
-/// An upstream's host: a name of letters, digits, `-`, `_` and `.` (looser
-/// than [`check_dns_name`]: container and service names carry `_`), an
-/// IPv4 address, or an IPv6 one in brackets. Access lines write it as it
-/// is, which is safe only because nothing else gets through.
-fn is_upstream_host(host: &str) -> bool {
-    if let Some(inner) = host.strip_prefix('[') {
-        return inner
+/// An upstream's authority: a host that is a name of letters, digits, `-`,
+/// `_` and `.` (looser than [`check_dns_name`]: container and service
+/// names carry `_`), an IPv4 address or an IPv6 one in brackets, and then
+/// nothing or a port number. Access lines write it as it is, which is
+/// safe only because nothing else gets through.
+fn is_upstream_authority(authority: &Authority) -> bool {
+    let host = authority.host();
+    let host_ok = match host.strip_prefix('[') {
+        Some(inner) => inner
             .strip_suffix(']')
-            .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok());
-    }
-    host.bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            .is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok()),
+        None => host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')),
+    };
+    host_ok && (authority.as_str() == host || authority.port_u16().is_some())
 }
 
+/// Checks a lower-cased DNS name (RFC 1123 labels). Every request's host is
+/// checked here too, hence bytes rather than `str` searching.
 pub fn check_dns_name(name: &str) -> Result<(), &'static str> {
     if name.is_empty() {
         return Err("empty");

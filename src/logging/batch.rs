@@ -24,7 +24,7 @@ const BATCH_DELAY: Duration = Duration::from_millis(10);
 /// Bytes that may wait for the writer; a line that would go beyond is
 /// dropped (formatted in place first, so the buffer's capacity may grow
 /// past this once).
-const MAX_PENDING: usize = 8 * 1024 * 1024;
+pub(super) const MAX_PENDING: usize = 8 * 1024 * 1024;
 /// What the writer's spare buffer shrinks back to after a burst.
 const KEEP_CAPACITY: usize = 256 * 1024;
 
@@ -175,12 +175,13 @@ impl Drop for BatchGuard {
     }
 }
 
+/// Outputs for tests of the batched writers and of what writes to them.
 #[cfg(test)]
-mod tests {
+pub(super) mod testing {
     use super::*;
 
     #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<(Vec<u8>, usize)>>);
+    pub struct Sink(pub Arc<Mutex<(Vec<u8>, usize)>>);
 
     impl Write for Sink {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
@@ -194,41 +195,22 @@ mod tests {
         }
     }
 
-    #[test]
-    fn lines_arrive_in_order_in_few_writes_and_all_by_drop() {
-        let sink = Sink::default();
-        let (writer, guard) = batch("test-log", sink.clone()).expect("thread");
-        let mut expected = Vec::new();
-        for i in 0..1000 {
-            let line = format!("line {i}\n");
-            writer
-                .make_writer()
-                .write_all(line.as_bytes())
-                .expect("write");
-            expected.extend_from_slice(line.as_bytes());
-        }
-        drop(guard);
-        let s = sink.0.lock().unwrap_or_else(PoisonError::into_inner);
-        assert_eq!(s.0, expected);
-        assert!(s.1 < 100, "{} writes for 1000 lines", s.1);
-    }
-
-    /// A sink whose first write waits until the test opens it.
+    /// A sink whose writes wait until the test opens it.
     #[derive(Clone, Default)]
-    struct Gated {
-        out: Sink,
+    pub struct Gated {
+        pub out: Sink,
         /// (writer is waiting, open)
         state: Arc<(Mutex<(bool, bool)>, Condvar)>,
     }
 
     impl Gated {
-        fn set(&self, change: impl FnOnce(&mut (bool, bool))) {
+        pub fn set(&self, change: impl FnOnce(&mut (bool, bool))) {
             let (lock, cond) = &*self.state;
             change(&mut lock.lock().unwrap_or_else(PoisonError::into_inner));
             cond.notify_all();
         }
 
-        fn wait_for(&self, done: impl Fn(&(bool, bool)) -> bool) {
+        pub fn wait_for(&self, done: impl Fn(&(bool, bool)) -> bool) {
             let (lock, cond) = &*self.state;
             let state = lock.lock().unwrap_or_else(PoisonError::into_inner);
             let (_state, timeout) = cond
@@ -247,6 +229,31 @@ mod tests {
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{Gated, Sink};
+    use super::*;
+
+    #[test]
+    fn lines_arrive_in_order_in_few_writes_and_all_by_drop() {
+        let sink = Sink::default();
+        let (writer, guard) = batch("test-log", sink.clone()).expect("thread");
+        let mut expected = Vec::new();
+        for i in 0..1000 {
+            let line = format!("line {i}\n");
+            writer
+                .make_writer()
+                .write_all(line.as_bytes())
+                .expect("write");
+            expected.extend_from_slice(line.as_bytes());
+        }
+        drop(guard);
+        let s = sink.0.lock().unwrap_or_else(PoisonError::into_inner);
+        assert_eq!(s.0, expected);
+        assert!(s.1 < 100, "{} writes for 1000 lines", s.1);
     }
 
     #[test]

@@ -79,9 +79,14 @@ impl RequestLine<'_> {
     /// Writes the line to every sink that takes it; does nothing before
     /// logging is installed (as a `tracing` event without a subscriber).
     /// The line is formatted straight into the first sink's buffer and
-    /// copied from there to a second.
+    /// copied from there to a second (formatted anew if the first is full).
     pub fn emit(&self) {
-        let Some(sinks) = SINKS.get() else { return };
+        if let Some(sinks) = SINKS.get() {
+            self.emit_to(sinks);
+        }
+    }
+
+    fn emit_to(&self, sinks: &Sinks) {
         let kv_file = sinks
             .file
             .as_ref()
@@ -89,15 +94,20 @@ impl RequestLine<'_> {
             .map(|(writer, _)| writer);
         let mut kv_sinks = sinks.stdout.iter().chain(kv_file);
         if let Some(first) = kv_sinks.next() {
-            let second = kv_sinks.next();
+            let mut second = kv_sinks.next();
             first.append_with(|out| {
                 let start = out.len();
                 self.write_kv(out)?;
-                if let Some(second) = second {
+                if let Some(second) = second.take() {
                     second.append(&out[start..]);
                 }
                 Ok(())
             });
+            // The first sink was full (a stalled stdout): the second still
+            // gets the line, each sink dropping lines on its own account.
+            if let Some(second) = second {
+                second.append_with(|out| self.write_kv(out));
+            }
         }
         if let Some((file, AccessLogFormat::Json)) = &sinks.file {
             file.append_with(|out| self.write_json(out));
@@ -401,5 +411,48 @@ mod tests {
             assert_eq!(kv.matches('\n').count(), 1, "{kv}");
             assert_eq!(json.matches('\n').count(), 1, "{json}");
         }
+    }
+
+    /// A stalled stdout drops its own lines, not the access log file's.
+    #[test]
+    fn a_full_first_sink_does_not_starve_the_second() {
+        use crate::logging::batch::testing::{Gated, Sink};
+        use crate::logging::batch::{MAX_PENDING, batch};
+
+        let stalled = Gated::default();
+        let (stdout, stdout_guard) = batch("test-stdout", stalled.clone()).expect("thread");
+        let file_out = Sink::default();
+        let (file, file_guard) = batch("test-file", file_out.clone()).expect("thread");
+        stdout.append(b"first\n");
+        stalled.wait_for(|s| s.0);
+        stdout.append(&vec![b'x'; MAX_PENDING]);
+        let sinks = Sinks {
+            stdout: Some(stdout),
+            file: Some((file, AccessLogFormat::Kv)),
+        };
+        let line = RequestLine {
+            client_ip: b"192.0.2.10",
+            host: "a.test",
+            site: true,
+            method: &Method::GET,
+            path: "/kept",
+            status: 200,
+            upstream: "127.0.0.1:3000",
+            duration: Duration::from_millis(3),
+            ended: Instant::now(),
+            bytes_sent: 10,
+            user_agent: None,
+            tls_version: None,
+            http_version: Version::HTTP_11,
+        };
+        line.emit_to(&sinks);
+        stalled.set(|s| s.1 = true);
+        drop((stdout_guard, file_guard));
+        let written = file_out.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let text = String::from_utf8_lossy(&written.0);
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.contains(" path=/kept "), "{text}");
+        let stdout_text = stalled.out.0.lock().unwrap_or_else(PoisonError::into_inner);
+        assert!(!String::from_utf8_lossy(&stdout_text.0).contains("/kept"));
     }
 }
