@@ -27,10 +27,14 @@ thread_local! {
 
 /// The current time as the bytes of a log line's stamp (ASCII).
 pub fn now() -> [u8; LEN] {
-    let now = SystemTime::now()
+    stamp(wall_clock())
+}
+
+/// The wall-clock time since the epoch.
+fn wall_clock() -> Duration {
+    SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    at(now.as_secs(), now.subsec_micros())
+        .unwrap_or_default()
 }
 
 /// The wall-clock time of `at`, an instant the caller has just read, as
@@ -46,16 +50,11 @@ pub fn of(at: Instant) -> [u8; LEN] {
         {
             return wall + since;
         }
-        let wall = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
+        let wall = wall_clock();
         anchor.set(Some((at, wall)));
         wall
     });
-    match anchored {
-        Ok(wall) => self::at(wall.as_secs(), wall.subsec_micros()),
-        Err(_) => now(),
-    }
+    stamp(anchored.unwrap_or_else(|_| wall_clock()))
 }
 
 /// Writes the current time.
@@ -64,7 +63,8 @@ pub fn write_now(w: &mut impl fmt::Write) -> fmt::Result {
     w.write_str(std::str::from_utf8(&now()).unwrap_or_default())
 }
 
-fn at(secs: u64, micros: u32) -> [u8; LEN] {
+fn stamp(wall: Duration) -> [u8; LEN] {
+    let (secs, micros) = (wall.as_secs(), wall.subsec_micros());
     let prefix = PREFIX
         .try_with(|cached| {
             let (second, prefix) = cached.get();
@@ -79,7 +79,6 @@ fn at(secs: u64, micros: u32) -> [u8; LEN] {
         .unwrap_or_else(|_| format_prefix(secs));
     let mut stamp = [b'Z'; LEN];
     stamp[..PREFIX_LEN].copy_from_slice(&prefix);
-    let micros = micros.min(999_999);
     let pairs = [micros / 10_000, micros / 100 % 100, micros % 100];
     for (i, pair) in pairs.into_iter().enumerate() {
         stamp[PREFIX_LEN + 2 * i..][..2].copy_from_slice(two_digits(pair));
@@ -128,7 +127,7 @@ mod tests {
     use super::*;
 
     fn text(secs: u64, micros: u32) -> String {
-        String::from_utf8(at(secs, micros).to_vec()).expect("ascii")
+        String::from_utf8(stamp(Duration::new(secs, micros * 1_000)).to_vec()).expect("ascii")
     }
 
     #[test]
