@@ -25,7 +25,9 @@
 //! Around it: [`config`] (the file, validated into static and dynamic parts),
 //! [`state`] (the current dynamic snapshot, swapped on reload), [`daemon`]
 //! (binding and starting everything), [`lifecycle`] (signals, reload,
-//! systemd notifications, shutdown) and [`cli`] (arguments and exit codes).
+//! systemd notifications, shutdown), [`cli`] (arguments and exit codes) and
+//! `spare` (the per-request buffers and header maps each thread keeps for
+//! reuse).
 
 pub mod admin;
 mod body_framing;
@@ -43,5 +45,6 @@ pub mod ratelimit;
 pub mod redirect;
 pub mod router;
 pub mod server;
+mod spare;
 pub mod state;
 pub mod tls;

@@ -34,7 +34,7 @@ use std::task::{Context, Poll, ready};
 use axum::body::Body;
 use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, TRANSFER_ENCODING, UPGRADE};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::ext::ReasonPhrase;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -44,6 +44,7 @@ use tokio_util::io::poll_read_buf;
 use super::headers::lists_token;
 use super::pool::UpstreamPool;
 use crate::body_framing::{Chunk, Decoded, parse_length};
+use crate::spare;
 
 /// The first read's size, as hyper's; later reads of a long body grow
 /// while they fill their buffer, up to [`MAX_READ`].
@@ -137,17 +138,22 @@ pub async fn exchange(
     home: &Arc<UpstreamPool>,
 ) -> Result<Response<ResponseBody>, Error> {
     stream.write_all(request).await.map_err(Error::Write)?;
-    let mut buf = BytesMut::with_capacity(FIRST_READ);
-    let mut answered = false;
-    loop {
-        match stream.read_buf(&mut buf).await {
-            Ok(0) if answered => return Err(Error::Truncated),
+    // The first read lands in one of the thread's spare buffers, which
+    // goes back to the spares once the response's last slice is dropped.
+    // It is taken only once the answer is there to read: a request waiting
+    // for its upstream holds no buffer.
+    let first = loop {
+        stream.readable().await.map_err(Error::Unanswered)?;
+        let mut buffer = spare::read_buffer();
+        match stream.try_read_buf(buffer.bytes_mut()) {
             Ok(0) => return Err(Error::Closed),
-            Ok(_) => answered = true,
-            Err(e) if answered => return Err(Error::Read(e)),
+            Ok(_) => break buffer,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(Error::Unanswered(e)),
         }
-        let mut bytes = buf.split().freeze();
+    };
+    let mut bytes = first.freeze();
+    loop {
         loop {
             match parse(&bytes, head_only)? {
                 Parsed::Partial if bytes.len() >= MAX_HEAD => return Err(Error::HeadTooLarge),
@@ -162,10 +168,17 @@ pub async fn exchange(
                 }
             }
         }
-        // Nothing else holds these bytes (a `1xx` passed over was dropped),
-        // so this is a move, not a copy.
-        buf = BytesMut::from(bytes);
+        // A head that came in pieces. The first time, what came is copied
+        // out of the spare buffer; after that nothing else holds these
+        // bytes (a `1xx` passed over was dropped), so it is a move.
+        let mut buf = BytesMut::from(bytes);
         buf.reserve(FIRST_READ);
+        match stream.read_buf(&mut buf).await {
+            Ok(0) => return Err(Error::Truncated),
+            Ok(_) => {}
+            Err(e) => return Err(Error::Read(e)),
+        }
+        bytes = buf.split().freeze();
     }
 }
 
@@ -222,7 +235,7 @@ fn parse(bytes: &Bytes, head_only: bool) -> Result<Parsed, Error> {
     let mut close = version == Version::HTTP_10;
     let mut chunked = None;
     let mut length = None;
-    let mut headers = HeaderMap::with_capacity(head.headers.len());
+    let mut headers = spare::header_map(head.headers.len());
     for field in head.headers.iter() {
         let name = HeaderName::from_bytes(field.name.as_bytes())
             .map_err(|_| Error::Head("invalid field name"))?;

@@ -29,7 +29,7 @@ use crate::metrics::{SiteMetrics, UpstreamErrorKind};
 use crate::state::{AppState, Snapshot};
 use access::{CountedBody, Exchange};
 use host::{RequestHost, request_host};
-use pool::{PooledBody, UpstreamError, UpstreamPool};
+use pool::{Outgoing, PooledBody, UpstreamError, UpstreamPool};
 
 /// Serves one proxied request from `client` (the address the rate limit
 /// counted it against), with the configuration `snapshot` it was counted
@@ -95,6 +95,7 @@ pub fn handle(
         return Either::Left(ready(exchange.finish(response, host.name, None, metrics)));
     };
     let (request, client_upgrade) = upstream_request(&host, conn, client, req, metrics.as_deref());
+    let request = Outgoing::new(request);
     let timeout = snapshot.config.proxy.response_timeout;
     let state = state.clone();
     Either::Right(async move {

@@ -40,7 +40,7 @@ use futures_util::future::poll_fn;
 use http::header::{
     CONNECTION, CONTENT_LENGTH, DATE, EXPECT, HeaderName, TRANSFER_ENCODING, UPGRADE,
 };
-use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri, Version};
+use http::{HeaderValue, Method, Request, StatusCode, Uri, Version};
 use http_body::Body as _;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep, sleep_until, timeout};
@@ -54,6 +54,7 @@ use crate::body_framing::parse_length;
 use crate::conn_info::ConnInfo;
 use crate::proxy::headers::lists_token;
 use crate::router::Pipeline;
+use crate::spare;
 
 /// Bytes one read may take. A request head is usually a few hundred bytes;
 /// a larger one takes more reads.
@@ -303,7 +304,7 @@ fn parse(bytes: Bytes, max_head: usize) -> Parsed {
         return Parsed::Other(bytes);
     };
     let mut keep_alive = true;
-    let mut headers = HeaderMap::with_capacity(head.headers.len() + FORWARDING_FIELDS);
+    let mut headers = spare::header_map(head.headers.len() + FORWARDING_FIELDS);
     for field in head.headers.iter() {
         let Ok(name) = HeaderName::from_bytes(field.name.as_bytes()) else {
             return Parsed::Other(bytes);
@@ -388,7 +389,7 @@ async fn send<I: AsyncRead + AsyncWrite + Unpin>(
     method_is_head: bool,
     keep_alive: bool,
 ) -> Sent {
-    let (parts, mut body) = response.into_parts();
+    let (mut parts, mut body) = response.into_parts();
     let exact = body.size_hint().exact();
     // Room for the head, and for the body if it goes out with the head.
     let body_room = exact
@@ -397,6 +398,7 @@ async fn send<I: AsyncRead + AsyncWrite + Unpin>(
         .unwrap_or(0);
     let mut out = OutBuf::with_capacity(HEAD_ROOM + parts.headers.len() * FIELD_ROOM + body_room);
     let (framing, close) = encode_head(&mut out, &parts, exact, method_is_head, !keep_alive);
+    spare::give_back(std::mem::take(&mut parts.headers));
     drop(parts);
     let mut remaining = match framing {
         Framing::Empty => {
