@@ -35,12 +35,13 @@ impl Pipeline {
 
     /// Answers one request that arrived on `conn`. `/health` and the rate
     /// limit are settled at once; only a forwarded request has anything to
-    /// wait for.
+    /// wait for, and that part of the future is boxed, so the future
+    /// returned is small and cheap to move.
     pub fn serve(
         &self,
         conn: &ConnInfo,
         req: Request,
-    ) -> impl Future<Output = Response> + Send + use<> {
+    ) -> impl Future<Output = Response> + Send + Unpin + use<> {
         // Before anything that could refuse or forward it: `/health` must
         // answer however busy a client is, and never uses up its allowance.
         if req.uri().path() == HEALTH {

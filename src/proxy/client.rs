@@ -111,9 +111,9 @@ pub fn takes(req: &Request<Body>) -> bool {
 }
 
 /// `req`'s head as it goes on the wire; its target is in origin form.
-pub fn encode(req: &Request<Body>) -> Vec<u8> {
+pub fn encode(req: &Request<Body>) -> spare::HeadBuffer {
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let mut out = Vec::with_capacity(HEAD_ROOM + target.len() + req.headers().len() * FIELD_ROOM);
+    let mut out = spare::head_buffer(HEAD_ROOM + target.len() + req.headers().len() * FIELD_ROOM);
     out.extend_from_slice(req.method().as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());

@@ -36,17 +36,18 @@ use pool::{Outgoing, PooledBody, UpstreamError, UpstreamPool};
 /// under.
 ///
 /// Everything up to sending is decided here, before any future exists; the
-/// future returned only waits for the upstream. A request's future is
-/// allocated and moved as a whole, and nesting one async function in
-/// another keeps the request in each of them: this way it holds the
-/// request once, and is less than half its former size (3.0 → 1.3 KiB).
+/// future returned only waits for the upstream. Nesting one async function
+/// in another would keep the request in each of them: this way the future
+/// holds only the encoded request, 888 bytes in all. It is boxed here,
+/// where it is made: a request's future lives as long as the upstream
+/// takes, and is moved once, into its box, rather than once per caller.
 pub fn handle(
     state: &AppState,
     snapshot: &Snapshot,
     conn: &ConnInfo,
     client: IpAddr,
     req: Request,
-) -> impl Future<Output = Response> + Send + use<> {
+) -> impl Future<Output = Response> + Send + Unpin + use<> {
     let started = Instant::now();
     let exchange = Exchange::new(&req, conn, client, started);
     if !headers::transfer_coding_is_chunked_only(req.headers()) {
@@ -98,7 +99,7 @@ pub fn handle(
     let request = Outgoing::new(request);
     let timeout = snapshot.config.proxy.response_timeout;
     let state = state.clone();
-    Either::Right(async move {
+    Either::Right(Box::pin(async move {
         let sent_at = Instant::now();
         let sent = tokio::time::timeout(timeout, pool.send(request)).await;
         let upstream = Some(pool.authority().clone());
@@ -113,7 +114,7 @@ pub fn handle(
             Ok(response) => exchange.finish(response, host.name, upstream, metrics),
             Err(response) => exchange.finish(response, host.name, upstream, metrics),
         }
-    })
+    }))
 }
 
 /// The request as the upstream gets it, and the client's side of an

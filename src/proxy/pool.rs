@@ -74,7 +74,10 @@ impl UpstreamError {
 /// cache.
 pub enum Outgoing {
     /// For [`client`]: the encoded head, and whether the method is HEAD.
-    Plain { head: Vec<u8>, head_only: bool },
+    Plain {
+        head: spare::HeadBuffer,
+        head_only: bool,
+    },
     /// For hyper's client; boxed, as the rarer and larger.
     Hyper(Box<Request<Body>>),
 }
@@ -198,7 +201,7 @@ impl UpstreamPool {
     /// [`send`](Self::send) for a request [`client`] takes, encoded.
     async fn send_plain(
         self: &Arc<Self>,
-        request: Vec<u8>,
+        request: spare::HeadBuffer,
         head_only: bool,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         let mut pooled = self.checkout_plain();

@@ -173,7 +173,7 @@ where
         pending = head.rest;
         let method_is_head = head.request.method() == Method::HEAD;
         let in_flight = conn.activity.start_request();
-        let mut response = Box::pin(conn.pipeline.serve(conn.info, head.request));
+        let mut response = conn.pipeline.serve(conn.info, head.request);
         // While the answer is awaited, the client's side is read too: a
         // client that goes away cancels its request, as with hyper. Only
         // while nothing is buffered: requests sent ahead are answered even

@@ -437,11 +437,9 @@ impl Server {
             let req = req.map(|body| Body::new(TimedBody::new(body, body_read_timeout)));
             let in_flight = requests.start_request();
             let response = match &app {
-                // Boxed: the pipeline's future is about 1.3 KiB. Unboxed,
-                // HTTP/1 would keep a slot that size for it in every
-                // connection, idle ones too, and HTTP/2 would copy it into
-                // each stream's task.
-                App::Proxy(pipeline) => Either::Left(Box::pin(pipeline.serve(&info, req))),
+                // The part of the pipeline's future that waits for the
+                // upstream comes boxed (see `proxy::handle`).
+                App::Proxy(pipeline) => Either::Left(pipeline.serve(&info, req)),
                 App::Router(router) => {
                     let mut req = req;
                     req.extensions_mut().insert(info.clone());
