@@ -3,20 +3,19 @@
 //!
 //! A request on the everyday path (see `server::h1` and `proxy::client`)
 //! needs two header maps (the request's and the response's, each two heap
-//! blocks), its head encoded for the upstream, and a buffer for the
-//! upstream's answer. Taken from the heap and given back for every request,
-//! they cost about a tenth of a request's instructions. The read buffer is
-//! larger than glibc's per-thread cache, so it always took the allocator's
-//! slow path. The encoded heads are held while upstreams answer, so with
-//! many requests waiting they come back in bursts larger than that cache
-//! holds (seven blocks of a size).
+//! blocks), its head encoded for the upstream, a buffer for the upstream's
+//! answer and one for the response it writes. Taken from the heap and given
+//! back for every request, they cost over a tenth of a request's
+//! instructions. The read buffer (8 KiB) and most response buffers are
+//! larger than glibc's per-thread cache, so they always took the
+//! allocator's slow path. The encoded heads are held while upstreams
+//! answer, so with many requests waiting they come back in bursts larger
+//! than that cache holds (seven blocks of a size).
 //!
-//! Each thread keeps some of each, emptied and bounded in number and size,
-//! so that spares never hold much memory: at most four maps of up to
-//! [`MAX_MAP_CAPACITY`] fields, four read buffers of up to
-//! [`MAX_READ_CAPACITY`] bytes and 32 heads of up to [`MAX_HEAD_CAPACITY`]
-//! bytes: under 200 KiB per thread in all. Memory given back on another thread than
-//! the one it came from stays there; nothing crosses threads.
+//! Each thread keeps some of each kind, emptied, bounded in number and in
+//! size (see [`MAPS`] and the buffer kinds below): under 200 KiB per
+//! thread in all. Memory given back on another thread than the one it
+//! came from stays there; nothing crosses threads.
 
 use std::cell::RefCell;
 use std::ops::{Deref, DerefMut};
@@ -30,49 +29,79 @@ type Spares<T> = RefCell<Vec<T>>;
 
 thread_local! {
     static HEADER_MAPS: Spares<HeaderMap> = const { RefCell::new(Vec::new()) };
-    static READ_BUFFERS: Spares<Vec<u8>> = const { RefCell::new(Vec::new()) };
     static HEAD_BUFFERS: Spares<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    static READ_BUFFERS: Spares<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    static RESPONSE_BUFFERS: Spares<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Maps and read buffers are given back before the response is written,
-/// so a thread rarely has more than a couple out at once.
-const MAX_MAPS: usize = 4;
-const MAX_READ_BUFFERS: usize = 4;
-/// Encoded heads are held while the upstream answers: a thread has as many
-/// out as it has requests waiting.
-const MAX_HEADS: usize = 32;
-
-/// Larger maps (a request with many fields) are freed, not kept.
-const MAX_MAP_CAPACITY: usize = 64;
-/// The size of a fresh read buffer, as hyper's first read.
-const READ_CAPACITY: usize = 8 * 1024;
-/// Read buffers that grew past this are freed, not kept.
-const MAX_READ_CAPACITY: usize = 2 * READ_CAPACITY;
-/// Larger heads are freed, not kept.
-const MAX_HEAD_CAPACITY: usize = 2 * 1024;
-
-/// One of the thread's spares of a kind, if it has one.
-fn take<T: 'static>(spares: &'static LocalKey<Spares<T>>) -> Option<T> {
-    spares
-        .try_with(|spares| spares.borrow_mut().pop())
-        .ok()
-        .flatten()
+/// A kind of memory a thread keeps spares of, and how much of it.
+struct Kind<T: 'static> {
+    spares: &'static LocalKey<Spares<T>>,
+    /// How many a thread keeps.
+    max: usize,
+    /// Larger ones (grown for an unusual request) are freed, not kept.
+    max_capacity: usize,
 }
 
-/// Keeps `spare` for later, if the thread has fewer than `max` of its kind;
-/// otherwise, and while the thread's locals are torn down, it is freed.
-fn keep<T: 'static>(spares: &'static LocalKey<Spares<T>>, spare: T, max: usize) {
-    let _ = spares.try_with(|spares| {
-        let mut spares = spares.borrow_mut();
-        if spares.len() < max {
-            spares.push(spare);
-        }
-    });
+/// Request and response maps: both are given back before the response is
+/// written, so a thread rarely has more than a couple out at once. A map's
+/// capacity counts the fields it has room for; HTTP/2 requests' maps are
+/// not given back (see [`give_back`]).
+static MAPS: Kind<HeaderMap> = Kind {
+    spares: &HEADER_MAPS,
+    max: 4,
+    max_capacity: 64,
+};
+
+/// Encoded request heads are held while the upstream answers: a thread
+/// has as many out as it has requests waiting.
+static HEADS: Kind<Vec<u8>> = Kind {
+    spares: &HEAD_BUFFERS,
+    max: 32,
+    max_capacity: 2 * 1024,
+};
+
+/// Upstream read buffers take one read each and do not grow; they are
+/// given back when the response's last slice of them is dropped, before
+/// the response is written.
+static READS: Kind<Vec<u8>> = Kind {
+    spares: &READ_BUFFERS,
+    max: 4,
+    max_capacity: 16 * 1024,
+};
+
+/// A response is gathered and written before the next one starts on the
+/// thread: one spare is enough. Twice what `server::h1` gathers at most.
+static RESPONSES: Kind<Vec<u8>> = Kind {
+    spares: &RESPONSE_BUFFERS,
+    max: 1,
+    max_capacity: 32 * 1024,
+};
+
+impl<T> Kind<T> {
+    /// One of the thread's spares, if it has one.
+    fn take(&self) -> Option<T> {
+        self.spares
+            .try_with(|spares| spares.borrow_mut().pop())
+            .ok()
+            .flatten()
+    }
+
+    /// Keeps `spare` for later if the thread has room for it; otherwise,
+    /// and while the thread's locals are torn down, it is freed.
+    fn keep(&self, spare: T) {
+        let _ = self.spares.try_with(|spares| {
+            let mut spares = spares.borrow_mut();
+            if spares.len() < self.max {
+                spares.push(spare);
+            }
+        });
+    }
 }
 
 /// An empty header map with room for `fields`.
 pub fn header_map(fields: usize) -> HeaderMap {
-    match take(&HEADER_MAPS) {
+    match MAPS.take() {
         Some(mut map) => {
             map.reserve(fields);
             map
@@ -81,97 +110,86 @@ pub fn header_map(fields: usize) -> HeaderMap {
     }
 }
 
-/// Keeps `map` for a later [`header_map`], emptied.
+/// Keeps `map` for a later [`header_map`], emptied. Only for maps of
+/// HTTP/1 messages, which carry at most 100 fields: `capacity` does not
+/// count the room a map keeps for repeated fields, and an HTTP/2 request
+/// may have sent thousands of them.
 pub fn give_back(mut map: HeaderMap) {
-    if map.capacity() <= MAX_MAP_CAPACITY {
+    if map.capacity() <= MAPS.max_capacity {
         // Emptied before the spares are borrowed: a value's drop may give
         // a read buffer back to its own spares.
         map.clear();
-        keep(&HEADER_MAPS, map, MAX_MAPS);
+        MAPS.keep(map);
     }
 }
 
-/// An empty buffer for an encoded request head, with room for `len` bytes.
-pub fn head_buffer(len: usize) -> HeadBuffer {
-    let mut buffer = take(&HEAD_BUFFERS).unwrap_or_default();
-    buffer.reserve(len);
-    HeadBuffer(buffer)
+/// An empty buffer for an encoded request head, with room for `len`
+/// bytes.
+pub fn head_buffer(len: usize) -> Buffer {
+    Buffer::take(&HEADS, len)
 }
 
-/// An encoded request head, which goes back to its thread's spares when
+/// An empty buffer for reading an upstream's answer, with room for `len`
+/// bytes.
+pub fn read_buffer(len: usize) -> Buffer {
+    Buffer::take(&READS, len)
+}
+
+/// An empty buffer for gathering a response's bytes before they are
+/// written, with room for `len` bytes.
+pub fn response_buffer(len: usize) -> Buffer {
+    Buffer::take(&RESPONSES, len)
+}
+
+/// A buffer that goes back to its thread's spares of its kind when
+/// dropped. As the owner of a [`Bytes`] ([`Buffer::freeze`]) it goes back
+/// once the last slice of it (a field value, a piece of a body) is
 /// dropped.
-pub struct HeadBuffer(Vec<u8>);
-
-impl Deref for HeadBuffer {
-    type Target = Vec<u8>;
-    fn deref(&self) -> &Vec<u8> {
-        &self.0
-    }
+pub struct Buffer {
+    bytes: Vec<u8>,
+    kind: &'static Kind<Vec<u8>>,
 }
 
-impl DerefMut for HeadBuffer {
-    fn deref_mut(&mut self) -> &mut Vec<u8> {
-        &mut self.0
-    }
-}
-
-impl Drop for HeadBuffer {
-    fn drop(&mut self) {
-        give_back_buffer(&mut self.0, &HEAD_BUFFERS, MAX_HEAD_CAPACITY, MAX_HEADS);
-    }
-}
-
-/// An empty buffer for reading an upstream's answer, with room for at
-/// least a first read.
-pub fn read_buffer() -> ReadBuffer {
-    ReadBuffer(take(&READ_BUFFERS).unwrap_or_else(|| Vec::with_capacity(READ_CAPACITY)))
-}
-
-/// A read buffer, which goes back to its thread's spares when dropped. As
-/// the owner of a [`Bytes`] ([`ReadBuffer::freeze`]) it goes back once the
-/// last slice of it (a field value, a piece of the body) is dropped.
-pub struct ReadBuffer(Vec<u8>);
-
-impl ReadBuffer {
-    /// Where reads land.
-    pub fn bytes_mut(&mut self) -> &mut Vec<u8> {
-        &mut self.0
+impl Buffer {
+    fn take(kind: &'static Kind<Vec<u8>>, len: usize) -> Self {
+        let mut bytes = kind.take().unwrap_or_default();
+        bytes.reserve(len);
+        Self { bytes, kind }
     }
 
-    /// The bytes read, shared: slices of them are taken without a copy.
+    /// The bytes in the buffer, shared: slices of them are taken without
+    /// a copy.
     pub fn freeze(self) -> Bytes {
         Bytes::from_owner(self)
     }
 }
 
-impl AsRef<[u8]> for ReadBuffer {
+impl Deref for Buffer {
+    type Target = Vec<u8>;
+    fn deref(&self) -> &Vec<u8> {
+        &self.bytes
+    }
+}
+
+impl DerefMut for Buffer {
+    fn deref_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.bytes
+    }
+}
+
+impl AsRef<[u8]> for Buffer {
     fn as_ref(&self) -> &[u8] {
-        &self.0
+        &self.bytes
     }
 }
 
-impl Drop for ReadBuffer {
+impl Drop for Buffer {
     fn drop(&mut self) {
-        give_back_buffer(
-            &mut self.0,
-            &READ_BUFFERS,
-            MAX_READ_CAPACITY,
-            MAX_READ_BUFFERS,
-        );
-    }
-}
-
-/// Keeps `buffer`'s memory, emptied, unless it grew past `max_capacity`.
-fn give_back_buffer(
-    buffer: &mut Vec<u8>,
-    spares: &'static LocalKey<Spares<Vec<u8>>>,
-    max_capacity: usize,
-    max: usize,
-) {
-    if buffer.capacity() <= max_capacity {
-        let mut buffer = std::mem::take(buffer);
-        buffer.clear();
-        keep(spares, buffer, max);
+        if self.bytes.capacity() <= self.kind.max_capacity {
+            let mut bytes = std::mem::take(&mut self.bytes);
+            bytes.clear();
+            self.kind.keep(bytes);
+        }
     }
 }
 
@@ -194,12 +212,12 @@ mod tests {
 
     #[test]
     fn a_large_map_is_not_kept() {
-        give_back(header_map(4 * MAX_MAP_CAPACITY));
-        assert!(header_map(1).capacity() <= MAX_MAP_CAPACITY);
+        give_back(header_map(4 * MAPS.max_capacity));
+        assert!(header_map(1).capacity() <= MAPS.max_capacity);
     }
 
     #[test]
-    fn a_head_buffer_comes_back_empty() {
+    fn a_buffer_comes_back_empty() {
         let mut head = head_buffer(100);
         head.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
         let place = head.as_ptr();
@@ -210,31 +228,38 @@ mod tests {
     }
 
     #[test]
-    fn at_most_so_many_heads_are_kept() {
-        let heads: Vec<HeadBuffer> = (0..MAX_HEADS + 5).map(|_| head_buffer(64)).collect();
-        drop(heads);
-        let kept = HEAD_BUFFERS.with(|spares| spares.borrow().len());
-        assert_eq!(kept, MAX_HEADS);
+    fn a_grown_buffer_is_not_kept() {
+        let mut response = response_buffer(10);
+        response.reserve(2 * RESPONSES.max_capacity);
+        let place = response.as_ptr();
+        drop(response);
+        assert_ne!(response_buffer(10).as_ptr(), place);
     }
 
     #[test]
-    fn a_read_buffer_comes_back_when_its_last_slice_is_dropped() {
-        let mut buffer = read_buffer();
-        buffer
-            .bytes_mut()
-            .extend_from_slice(b"HTTP/1.1 200 OK\r\n\r\nhello");
-        let place = buffer.bytes_mut().as_ptr();
+    fn at_most_so_many_are_kept() {
+        let heads: Vec<Buffer> = (0..HEADS.max + 5).map(|_| head_buffer(64)).collect();
+        drop(heads);
+        let kept = HEAD_BUFFERS.with(|spares| spares.borrow().len());
+        assert_eq!(kept, HEADS.max);
+    }
+
+    #[test]
+    fn a_frozen_buffer_comes_back_when_its_last_slice_is_dropped() {
+        let mut buffer = read_buffer(1024);
+        buffer.extend_from_slice(b"HTTP/1.1 200 OK\r\n\r\nhello");
+        let place = buffer.as_ptr();
         let bytes = buffer.freeze();
         let body = bytes.slice(19..);
         drop(bytes);
         // Still held by the body: a fresh buffer is handed out.
-        let mut other = read_buffer();
-        assert_ne!(other.bytes_mut().as_ptr(), place);
+        let other = read_buffer(1024);
+        assert_ne!(other.as_ptr(), place);
         drop(other);
         assert_eq!(&body[..], b"hello");
         drop(body);
-        let mut again = read_buffer();
-        assert!(again.bytes_mut().is_empty());
-        assert_eq!(again.bytes_mut().as_ptr(), place, "back in the spares");
+        let again = read_buffer(1024);
+        assert!(again.is_empty());
+        assert_eq!(again.as_ptr(), place, "back in the spares");
     }
 }

@@ -33,7 +33,7 @@ use std::task::{Context, Poll, ready};
 
 use axum::body::Body;
 use bytes::{Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, TRANSFER_ENCODING, UPGRADE};
+use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, TRANSFER_ENCODING};
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::ext::ReasonPhrase;
@@ -102,16 +102,16 @@ impl Error {
     }
 }
 
-/// Whether `req` is exchanged here: a GET or HEAD without a body, and no
-/// upgrade asked for.
-pub fn takes(req: &Request<Body>) -> bool {
+/// Whether `req` is exchanged here: a GET or HEAD without a body, and not
+/// `upgrading`.
+pub fn takes(req: &Request<Body>, upgrading: bool) -> bool {
     (req.method() == Method::GET || req.method() == Method::HEAD)
         && req.body().is_end_stream()
-        && !req.headers().contains_key(UPGRADE)
+        && !upgrading
 }
 
 /// `req`'s head as it goes on the wire; its target is in origin form.
-pub fn encode(req: &Request<Body>) -> spare::HeadBuffer {
+pub fn encode(req: &Request<Body>) -> spare::Buffer {
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let mut out = spare::head_buffer(HEAD_ROOM + target.len() + req.headers().len() * FIELD_ROOM);
     out.extend_from_slice(req.method().as_str().as_bytes());
@@ -144,8 +144,8 @@ pub async fn exchange(
     // for its upstream holds no buffer.
     let first = loop {
         stream.readable().await.map_err(Error::Unanswered)?;
-        let mut buffer = spare::read_buffer();
-        match stream.try_read_buf(buffer.bytes_mut()) {
+        let mut buffer = spare::read_buffer(FIRST_READ);
+        match stream.try_read_buf(&mut *buffer) {
             Ok(0) => return Err(Error::Closed),
             Ok(_) => break buffer,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

@@ -75,7 +75,7 @@ impl UpstreamError {
 pub enum Outgoing {
     /// For [`client`]: the encoded head, and whether the method is HEAD.
     Plain {
-        head: spare::HeadBuffer,
+        head: spare::Buffer,
         head_only: bool,
     },
     /// For hyper's client; boxed, as the rarer and larger.
@@ -83,13 +83,18 @@ pub enum Outgoing {
 }
 
 impl Outgoing {
-    pub fn new(req: Request<Body>) -> Self {
-        if client::takes(&req) {
+    /// `req` as it goes upstream. `from_http1` says the client sent it
+    /// over HTTP/1, so that its header map may be kept for reuse (see
+    /// [`spare::give_back`]); `upgrading`, that it asks to upgrade.
+    pub fn new(req: Request<Body>, from_http1: bool, upgrading: bool) -> Self {
+        if client::takes(&req, upgrading) {
             // Encoded once, in case an idle connection turns out to be
             // closed and it must go again on another.
             let head_only = req.method() == Method::HEAD;
             let head = client::encode(&req);
-            spare::give_back(req.into_parts().0.headers);
+            if from_http1 {
+                spare::give_back(req.into_parts().0.headers);
+            }
             Self::Plain { head, head_only }
         } else {
             Self::Hyper(Box::new(req))
@@ -201,7 +206,7 @@ impl UpstreamPool {
     /// [`send`](Self::send) for a request [`client`] takes, encoded.
     async fn send_plain(
         self: &Arc<Self>,
-        request: spare::HeadBuffer,
+        request: spare::Buffer,
         head_only: bool,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         let mut pooled = self.checkout_plain();
@@ -501,6 +506,8 @@ mod tests {
                 .header(http::header::HOST, "a.test")
                 .body(Body::empty())
                 .expect("request"),
+            true,
+            false,
         )
     }
 
@@ -578,6 +585,43 @@ mod tests {
             assert_eq!(read_head(&mut socket).await, None);
             assert!(started.elapsed() < Duration::from_secs(2), "{method}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_response_head_in_pieces_after_an_interim_answer_is_read_whole() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let pool = UpstreamPool::new(&upstream(listener.local_addr().expect("addr")), WAIT);
+        let client = {
+            let pool = Arc::clone(&pool);
+            tokio::spawn(async move {
+                for path in ["/pieces", "/after"] {
+                    let response = pool.send(get(path)).await.expect("response");
+                    assert_eq!(response.status(), StatusCode::OK);
+                    assert_eq!(response.headers()["x-piece"], "three");
+                    assert_eq!(body_of(response).await, "ok");
+                }
+            })
+        };
+        let (mut socket, _) = listener.accept().await.expect("accept");
+        read_head(&mut socket).await.expect("a request");
+        // Each piece goes out after a pause, so that the first read takes
+        // the interim answer and only the start of the final head.
+        let pieces: [&[u8]; 3] = [
+            b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nx-pie",
+            b"ce: three\r\ncontent-le",
+            b"ngth: 2\r\n\r\nok",
+        ];
+        for piece in pieces {
+            socket.write_all(piece).await.expect("write");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The connection went back to the pool: the next request comes on it.
+        read_head(&mut socket).await.expect("the next request");
+        socket
+            .write_all(b"HTTP/1.1 200 OK\r\nx-piece: three\r\ncontent-length: 2\r\n\r\nok")
+            .await
+            .expect("write");
+        client.await.expect("client");
     }
 
     #[tokio::test]

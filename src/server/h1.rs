@@ -24,10 +24,8 @@
 //! and a client that takes no response bytes for `idle_timeout` is
 //! dropped.
 
-use std::cell::Cell;
 use std::io::{self, Write as _};
 use std::mem::MaybeUninit;
-use std::ops::{Deref, DerefMut};
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -173,28 +171,32 @@ where
         pending = head.rest;
         let method_is_head = head.request.method() == Method::HEAD;
         let in_flight = conn.activity.start_request();
-        let mut response = conn.pipeline.serve(conn.info, head.request);
         // While the answer is awaited, the client's side is read too: a
         // client that goes away cancels its request, as with hyper. Only
         // while nothing is buffered: requests sent ahead are answered even
-        // if the client has stopped sending (half-closed) after them.
-        let response = loop {
-            let watch = pending.is_empty();
-            tokio::select! {
-                biased;
-                response = &mut response => break response,
-                () = &mut kill => return Outcome::Closed,
-                read = read_some(&mut io, &mut pending), if watch => match read {
-                    Ok(0) => {
-                        debug!(%peer, "client closed the connection before its response");
-                        return Outcome::Closed;
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        debug!(%peer, "connection: {e}");
-                        return Outcome::Closed;
-                    }
-                },
+        // if the client has stopped sending (half-closed) after them. The
+        // future lives in this block only, so that the connection's task
+        // keeps no room for it while the response is written.
+        let response = {
+            let mut serving = conn.pipeline.serve(conn.info, head.request);
+            loop {
+                let watch = pending.is_empty();
+                tokio::select! {
+                    biased;
+                    response = &mut serving => break response,
+                    () = &mut kill => return Outcome::Closed,
+                    read = read_some(&mut io, &mut pending), if watch => match read {
+                        Ok(0) => {
+                            debug!(%peer, "client closed the connection before its response");
+                            return Outcome::Closed;
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            debug!(%peer, "connection: {e}");
+                            return Outcome::Closed;
+                        }
+                    },
+                }
             }
         };
         let keep_alive = head.keep_alive && !conn.stop.is_cancelled();
@@ -396,7 +398,7 @@ async fn send<I: AsyncRead + AsyncWrite + Unpin>(
         .and_then(|len| usize::try_from(len).ok())
         .filter(|&len| len <= GATHER)
         .unwrap_or(0);
-    let mut out = OutBuf::with_capacity(HEAD_ROOM + parts.headers.len() * FIELD_ROOM + body_room);
+    let mut out = spare::response_buffer(HEAD_ROOM + parts.headers.len() * FIELD_ROOM + body_room);
     let (framing, close) = encode_head(&mut out, &parts, exact, method_is_head, !keep_alive);
     spare::give_back(std::mem::take(&mut parts.headers));
     drop(parts);
@@ -494,52 +496,6 @@ async fn send<I: AsyncRead + AsyncWrite + Unpin>(
         return Sent::Failed(why);
     }
     if close { Sent::Close } else { Sent::KeepAlive }
-}
-
-thread_local! {
-    /// The buffer of the last response this thread finished, kept for the
-    /// next one. Every response needs one of a kilobyte or more, beyond the
-    /// allocator's per-thread cache: taking it from the heap and giving it
-    /// back for each response cost more than the rest of the response's
-    /// allocations.
-    static SPARE_OUT: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
-}
-
-/// A response's gathering buffer, taken from [`SPARE_OUT`] and left there
-/// when the response is done with it. A thread keeps at most one, of at
-/// most twice [`GATHER`].
-struct OutBuf(Vec<u8>);
-
-impl OutBuf {
-    fn with_capacity(capacity: usize) -> Self {
-        let mut buf = SPARE_OUT.try_with(Cell::take).unwrap_or_default();
-        buf.reserve(capacity);
-        Self(buf)
-    }
-}
-
-impl Deref for OutBuf {
-    type Target = Vec<u8>;
-    fn deref(&self) -> &Vec<u8> {
-        &self.0
-    }
-}
-
-impl DerefMut for OutBuf {
-    fn deref_mut(&mut self) -> &mut Vec<u8> {
-        &mut self.0
-    }
-}
-
-impl Drop for OutBuf {
-    fn drop(&mut self) {
-        if self.0.capacity() <= 2 * GATHER {
-            let mut buf = std::mem::take(&mut self.0);
-            buf.clear();
-            // While the thread's locals are torn down, it is freed instead.
-            let _ = SPARE_OUT.try_with(|spare| spare.set(buf));
-        }
-    }
 }
 
 /// The body's next frame if it is there now; `None` if it must be waited
