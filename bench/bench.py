@@ -778,8 +778,9 @@ def ratio(a, b):
 
 
 def render(cases, results, idle, setup, rounds, duration, idle_n, notes):
+    idle_peers = {name for (_, name) in idle}
     columns = [n for n in ("direct", "reverse-proxy", "rp-baseline", "nginx", "haproxy")
-               if any(n in c.peers for c in cases)]
+               if any(n in c.peers for c in cases) or n in idle_peers]
     ratios = [(a, b) for a, b in (("reverse-proxy", "rp-baseline"), ("reverse-proxy", "nginx"),
                                   ("haproxy", "nginx")) if a in columns and b in columns]
     head = ["case", "metric"] + columns + [f"{a} / {b}".replace("reverse-proxy", "rp")
