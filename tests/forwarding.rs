@@ -49,11 +49,61 @@ async fn hop_by_hop_removed_and_forwarding_headers_set() {
             "x-forwarded-host: a.test",
         ],
     );
+    assert_forwarded_once(&echoed);
     let line = proxy.wait_for_line(
         |l| l.contains(" REQUEST ") && l.contains("path=/h "),
         Duration::from_secs(5),
     );
     assert_eq!(field(&line, "client_ip"), "127.0.0.1");
+}
+
+/// The forwarding fields replace what a client sent, whichever way the
+/// request is served: a plain GET (the proxy's own HTTP/1.1 on both
+/// sides), and a POST with a body (hyper's on both sides).
+#[tokio::test]
+async fn client_forwarding_fields_are_replaced_on_every_path() {
+    let a = Upstream::echo("site-a").await;
+    let proxy = ProxyProcess::start(&config(&[("a.test", &a.url())], "", ""));
+    let spoofed = "X-Forwarded-For: 6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\n\
+                   X-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.test\r\n\
+                   x-forwarded-for: 7.7.7.7\r\nX-Custom: kept\r\n";
+    for (start, body) in [("GET /g", ""), ("POST /p", "Content-Length: 2\r\n\r\nhi")] {
+        let req = format!(
+            "{start} HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n{spoofed}{}",
+            if body.is_empty() { "\r\n" } else { body }
+        );
+        let out = raw(proxy.addr, req.as_bytes(), Duration::from_secs(5)).await;
+        assert_eq!(status_of(&out), Some(200), "{out}");
+        let echoed = out
+            .split("site-a\n")
+            .nth(1)
+            .expect("echo body")
+            .to_ascii_lowercase();
+        assert_has_lines(
+            &echoed,
+            &[
+                "x-custom: kept",
+                "x-forwarded-for: 6.6.6.6, 7.7.7.7, 127.0.0.1",
+                "x-real-ip: 127.0.0.1",
+                "x-forwarded-proto: http",
+                "x-forwarded-host: a.test",
+            ],
+        );
+        assert_forwarded_once(&echoed);
+    }
+}
+
+/// Asserts that each forwarding field reached the upstream once.
+fn assert_forwarded_once(echoed: &str) {
+    for name in [
+        "x-forwarded-for:",
+        "x-real-ip:",
+        "x-forwarded-proto:",
+        "x-forwarded-host:",
+    ] {
+        let count = echoed.lines().filter(|l| l.starts_with(name)).count();
+        assert_eq!(count, 1, "{name} {count} times:\n{echoed}");
+    }
 }
 
 /// Asserts that each of `expected` is one whole line of `text`.

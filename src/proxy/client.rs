@@ -41,7 +41,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::io::poll_read_buf;
 
-use super::headers::lists_token;
+use super::headers::{Forwarding, lists_token};
 use super::pool::UpstreamPool;
 use crate::body_framing::{Chunk, Decoded, parse_length};
 use crate::spare;
@@ -110,15 +110,21 @@ pub fn takes(req: &Request<Body>, upgrading: bool) -> bool {
         && !upgrading
 }
 
-/// `req`'s head as it goes on the wire; its target is in origin form.
-pub fn encode(req: &Request<Body>) -> spare::Buffer {
+/// `req`'s head as it goes on the wire, with the `forwarding` fields in
+/// place of any the client sent; its target is in origin form.
+pub fn encode(req: &Request<Body>, forwarding: &Forwarding) -> spare::Buffer {
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let mut out = spare::head_buffer(HEAD_ROOM + target.len() + req.headers().len() * FIELD_ROOM);
+    let fields = req.headers().len() + Forwarding::COUNT;
+    let mut out = spare::head_buffer(HEAD_ROOM + target.len() + fields * FIELD_ROOM);
     out.extend_from_slice(req.method().as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in req.headers() {
+    let own = req
+        .headers()
+        .iter()
+        .filter(|(name, _)| !Forwarding::replaces(name));
+    for (name, value) in own.chain(forwarding.fields()) {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());

@@ -97,42 +97,86 @@ pub fn transfer_coding_is_chunked_only(headers: &HeaderMap) -> bool {
     }
 }
 
-/// Sets the forwarding headers for a request from `client` on `conn`. The
-/// peer is appended to any `X-Forwarded-For` the client sent (the upstream
-/// may read the chain, but the proxy itself believes it only from trusted
-/// peers); the others are overwritten.
-pub fn set_forwarding(
-    headers: &mut HeaderMap,
-    conn: &ConnInfo,
-    client: IpAddr,
-    host: &HeaderValue,
-) {
-    let xff = match headers.get(&X_FORWARDED_FOR) {
-        None => conn.peer_header.clone(),
-        Some(_) => {
-            let mut chain = headers
-                .get_all(&X_FORWARDED_FOR)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .collect::<Vec<_>>()
-                .join(", ");
-            chain.push_str(", ");
-            chain.push_str(conn.peer_header.to_str().unwrap_or_default());
-            HeaderValue::from_str(&chain).unwrap_or_else(|_| conn.peer_header.clone())
+/// The fields the proxy sets on a request for its upstream. The peer is
+/// appended to any `X-Forwarded-For` the client sent (the upstream may
+/// read the chain, but the proxy itself believes it only from trusted
+/// peers); the others replace what the client sent.
+///
+/// Worked out once, then either put in the request's map (for hyper's
+/// client) or written after the request's own fields when its head is
+/// encoded (`client::encode`), which spares four insertions into the map
+/// for nearly every request.
+pub struct Forwarding {
+    forwarded_for: HeaderValue,
+    proto: HeaderValue,
+    host: HeaderValue,
+    real_ip: HeaderValue,
+}
+
+impl Forwarding {
+    /// The fields for a request with `headers` from `client` on `conn`,
+    /// for `host` (the authority the upstream gets).
+    pub fn new(headers: &HeaderMap, conn: &ConnInfo, client: IpAddr, host: &HeaderValue) -> Self {
+        let forwarded_for = match headers.get(&X_FORWARDED_FOR) {
+            None => conn.peer_header.clone(),
+            Some(_) => {
+                let mut chain = headers
+                    .get_all(&X_FORWARDED_FOR)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                chain.push_str(", ");
+                chain.push_str(conn.peer_header.to_str().unwrap_or_default());
+                HeaderValue::from_str(&chain).unwrap_or_else(|_| conn.peer_header.clone())
+            }
+        };
+        let real_ip = if client == conn.peer.ip() {
+            conn.peer_header.clone()
+        } else {
+            ip_header(client)
+        };
+        Self {
+            forwarded_for,
+            proto: HeaderValue::from_static(if conn.https { "https" } else { "http" }),
+            host: host.clone(),
+            real_ip,
         }
-    };
-    headers.insert(&X_FORWARDED_FOR, xff);
-    headers.insert(
-        &X_FORWARDED_PROTO,
-        HeaderValue::from_static(if conn.https { "https" } else { "http" }),
-    );
-    headers.insert(&X_FORWARDED_HOST, host.clone());
-    let real_ip = if client == conn.peer.ip() {
-        conn.peer_header.clone()
-    } else {
-        ip_header(client)
-    };
-    headers.insert(&X_REAL_IP, real_ip);
+    }
+
+    /// Whether the proxy sets `name` itself: a client's field of that name
+    /// is not passed on as it came.
+    pub fn replaces(name: &HeaderName) -> bool {
+        // Standard names are none of these, and tell so at once.
+        [
+            &X_FORWARDED_FOR,
+            &X_FORWARDED_PROTO,
+            &X_FORWARDED_HOST,
+            &X_REAL_IP,
+        ]
+        .contains(&name)
+    }
+
+    /// How many fields the proxy sets.
+    pub const COUNT: usize = 4;
+
+    /// The fields, in the order they are written.
+    pub fn fields(&self) -> [(&HeaderName, &HeaderValue); Self::COUNT] {
+        [
+            (&X_FORWARDED_FOR, &self.forwarded_for),
+            (&X_FORWARDED_PROTO, &self.proto),
+            (&X_FORWARDED_HOST, &self.host),
+            (&X_REAL_IP, &self.real_ip),
+        ]
+    }
+
+    /// Puts the fields in `headers`, in place of the client's.
+    pub fn insert_into(self, headers: &mut HeaderMap) {
+        headers.insert(&X_FORWARDED_FOR, self.forwarded_for);
+        headers.insert(&X_FORWARDED_PROTO, self.proto);
+        headers.insert(&X_FORWARDED_HOST, self.host);
+        headers.insert(&X_REAL_IP, self.real_ip);
+    }
 }
 
 #[cfg(test)]
@@ -207,11 +251,32 @@ mod tests {
         let mut conn = ConnInfo::new("127.0.0.1:40000".parse().expect("addr"));
         conn.https = true;
         let peer = conn.peer.ip();
-        set_forwarding(&mut h, &conn, peer, &HeaderValue::from_static("a.test"));
+        Forwarding::new(&h, &conn, peer, &HeaderValue::from_static("a.test")).insert_into(&mut h);
         assert_eq!(h[&X_FORWARDED_FOR], "6.6.6.6, 7.7.7.7, 127.0.0.1");
         assert_eq!(h[&X_FORWARDED_PROTO], "https");
         assert_eq!(h[&X_FORWARDED_HOST], "a.test");
         assert_eq!(h[&X_REAL_IP], "127.0.0.1");
+    }
+
+    #[test]
+    fn the_forwarding_fields_are_the_ones_replaced() {
+        let conn = ConnInfo::new("127.0.0.1:40000".parse().expect("addr"));
+        let forwarding = Forwarding::new(
+            &HeaderMap::new(),
+            &conn,
+            conn.peer.ip(),
+            &HeaderValue::from_static("a.test"),
+        );
+        for (name, _) in forwarding.fields() {
+            assert!(Forwarding::replaces(name), "{name}");
+        }
+        for name in [
+            header::HOST,
+            header::FORWARDED,
+            HeaderName::from_static("x-forwarded-port"),
+        ] {
+            assert!(!Forwarding::replaces(&name), "{name}");
+        }
     }
 
     #[test]
@@ -222,12 +287,8 @@ mod tests {
         let widest: IpAddr = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"
             .parse()
             .expect("ip");
-        set_forwarding(
-            &mut h,
-            &conn,
-            widest,
-            &HeaderValue::from_static("a.test:8443"),
-        );
+        Forwarding::new(&h, &conn, widest, &HeaderValue::from_static("a.test:8443"))
+            .insert_into(&mut h);
         assert_eq!(h[&X_FORWARDED_FOR], "2001:db8::1");
         assert_eq!(h[&X_FORWARDED_HOST], "a.test:8443");
         assert_eq!(h[&X_REAL_IP], widest.to_string().as_str());

@@ -28,6 +28,7 @@ use crate::logging::ACCESS;
 use crate::metrics::{SiteMetrics, UpstreamErrorKind};
 use crate::state::{AppState, Snapshot};
 use access::{CountedBody, Exchange};
+use headers::Forwarding;
 use host::{RequestHost, request_host};
 use pool::{Outgoing, PooledBody, UpstreamError, UpstreamPool};
 
@@ -155,16 +156,14 @@ fn upstream_request(
     if !host_is_authority {
         parts.headers.insert(header::HOST, host.authority.clone());
     }
-    headers::set_forwarding(&mut parts.headers, conn, client, &host.authority);
+    let forwarding = Forwarding::new(&parts.headers, conn, client, &host.authority);
     let body = CountedBody::wrap(body, metrics);
     let request = Request::from_parts(parts, body);
     // Only an upgrade still carries `Upgrade`: the hop-by-hop fields went
     // above.
     let upgrading = client_upgrade.is_some();
-    (
-        Outgoing::new(request, from_http1, upgrading),
-        client_upgrade,
-    )
+    let outgoing = Outgoing::new(request, forwarding, from_http1, upgrading);
+    (outgoing, client_upgrade)
 }
 
 /// A request sent to its upstream: what turning the outcome into the

@@ -34,6 +34,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::client;
+use super::headers::Forwarding;
 use crate::config::Upstream;
 use crate::spare;
 
@@ -83,20 +84,27 @@ pub enum Outgoing {
 }
 
 impl Outgoing {
-    /// `req` as it goes upstream. `from_http1` says the client sent it
-    /// over HTTP/1, so that its header map may be kept for reuse (see
-    /// [`spare::give_back`]); `upgrading`, that it asks to upgrade.
-    pub fn new(req: Request<Body>, from_http1: bool, upgrading: bool) -> Self {
+    /// `req` as it goes upstream, with the `forwarding` fields. `from_http1`
+    /// says the client sent it over HTTP/1, so that its header map may be
+    /// kept for reuse (see [`spare::give_back`]); `upgrading`, that it asks
+    /// to upgrade.
+    pub fn new(
+        mut req: Request<Body>,
+        forwarding: Forwarding,
+        from_http1: bool,
+        upgrading: bool,
+    ) -> Self {
         if client::takes(&req, upgrading) {
             // Encoded once, in case an idle connection turns out to be
             // closed and it must go again on another.
             let head_only = req.method() == Method::HEAD;
-            let head = client::encode(&req);
+            let head = client::encode(&req, &forwarding);
             if from_http1 {
                 spare::give_back(req.into_parts().0.headers);
             }
             Self::Plain { head, head_only }
         } else {
+            forwarding.insert_into(req.headers_mut());
             Self::Hyper(Box::new(req))
         }
     }
@@ -485,6 +493,7 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
+    use crate::conn_info::ConnInfo;
 
     const WAIT: Duration = Duration::from_secs(5);
 
@@ -499,16 +508,16 @@ mod tests {
     const METHODS: [Method; 2] = [Method::GET, Method::POST];
 
     fn request(method: &Method, path: &str) -> Outgoing {
-        Outgoing::new(
-            Request::builder()
-                .method(method)
-                .uri(path)
-                .header(http::header::HOST, "a.test")
-                .body(Body::empty())
-                .expect("request"),
-            true,
-            false,
-        )
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, "a.test")
+            .body(Body::empty())
+            .expect("request");
+        let conn = ConnInfo::new("127.0.0.1:40000".parse().expect("addr"));
+        let host = http::HeaderValue::from_static("a.test");
+        let forwarding = Forwarding::new(req.headers(), &conn, conn.peer.ip(), &host);
+        Outgoing::new(req, forwarding, true, false)
     }
 
     fn get(path: &str) -> Outgoing {

@@ -61,10 +61,6 @@ const READ_CHUNK: usize = 4096;
 /// connection goes to hyper, so a client trickling a large head costs
 /// linear time here.
 const MAX_PARSES_PER_HEAD: u32 = 64;
-/// Room for the fields the proxy adds to a request on its way upstream
-/// (`X-Forwarded-*`, `X-Real-IP`), so that the request's map is not grown
-/// and rehashed for them.
-const FORWARDING_FIELDS: usize = 6;
 /// Response bytes gathered before they are written: the head and a small
 /// body go out together, a large body frame goes out on its own.
 const GATHER: usize = 16 * 1024;
@@ -306,7 +302,9 @@ fn parse(bytes: Bytes, max_head: usize) -> Parsed {
         return Parsed::Other(bytes);
     };
     let mut keep_alive = true;
-    let mut headers = spare::header_map(head.headers.len() + FORWARDING_FIELDS);
+    // No room for the forwarding fields: they are written when the head is
+    // encoded for the upstream, not put in the map.
+    let mut headers = spare::header_map(head.headers.len());
     for field in head.headers.iter() {
         let Ok(name) = HeaderName::from_bytes(field.name.as_bytes()) else {
             return Parsed::Other(bytes);
