@@ -101,8 +101,10 @@ pub fn handle(
     let timeout = snapshot.config.proxy.response_timeout;
     let state = state.clone();
     Either::Right(Box::pin(async move {
-        let sent_at = Instant::now();
-        let sent = tokio::time::timeout(timeout, pool.send(request)).await;
+        // The request goes out when this is first polled, at once: the
+        // clock read on arrival serves for its deadline and its latency.
+        let sent_at = started;
+        let sent = tokio::time::timeout_at((started + timeout).into(), pool.send(request)).await;
         let upstream = Some(pool.authority().clone());
         let forwarded = Forwarded {
             state: &state,

@@ -216,7 +216,12 @@ where
                 return Outcome::Closed;
             }
         }
-        idle_due = Instant::now() + conn.idle_timeout;
+        // From when the request ended, as just recorded for the metrics,
+        // rather than from another reading of the clock.
+        idle_due = conn
+            .activity
+            .idle_deadline(conn.idle_timeout)
+            .map_or_else(|| Instant::now() + conn.idle_timeout, Instant::from_std);
         if pending.is_empty() {
             // Between requests the connection keeps no buffer at all.
             pending = BytesMut::new();
