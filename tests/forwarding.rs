@@ -59,7 +59,8 @@ async fn hop_by_hop_removed_and_forwarding_headers_set() {
 
 /// The forwarding fields replace what a client sent, whichever way the
 /// request is served: a plain GET (the proxy's own HTTP/1.1 on both
-/// sides), and a POST with a body (hyper's on both sides).
+/// sides), a GET whose `Connection` names a field (hyper's server, the
+/// proxy's own client), and a POST with a body (hyper's on both sides).
 #[tokio::test]
 async fn client_forwarding_fields_are_replaced_on_every_path() {
     let a = Upstream::echo("site-a").await;
@@ -67,9 +68,13 @@ async fn client_forwarding_fields_are_replaced_on_every_path() {
     let spoofed = "X-Forwarded-For: 6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\n\
                    X-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.test\r\n\
                    x-forwarded-for: 7.7.7.7\r\nX-Custom: kept\r\n";
-    for (start, body) in [("GET /g", ""), ("POST /p", "Content-Length: 2\r\n\r\nhi")] {
+    for (start, connection, body) in [
+        ("GET /g", "close", ""),
+        ("GET /h", "close, X-Hop", ""),
+        ("POST /p", "close", "Content-Length: 2\r\n\r\nhi"),
+    ] {
         let req = format!(
-            "{start} HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n{spoofed}{}",
+            "{start} HTTP/1.1\r\nHost: a.test\r\nConnection: {connection}\r\n{spoofed}{}",
             if body.is_empty() { "\r\n" } else { body }
         );
         let out = raw(proxy.addr, req.as_bytes(), Duration::from_secs(5)).await;

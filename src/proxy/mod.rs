@@ -101,10 +101,11 @@ pub fn handle(
     let timeout = snapshot.config.proxy.response_timeout;
     let state = state.clone();
     Either::Right(Box::pin(async move {
-        // The request goes out when this is first polled, at once: the
-        // clock read on arrival serves for its deadline and its latency.
-        let sent_at = started;
-        let sent = tokio::time::timeout_at((started + timeout).into(), pool.send(request)).await;
+        // Read here, not on arrival: an HTTP/2 stream's future is first
+        // polled by its own task, which may wait in the runtime's queue.
+        // One reading serves for the deadline and the latency.
+        let sent_at = Instant::now();
+        let sent = tokio::time::timeout_at((sent_at + timeout).into(), pool.send(request)).await;
         let upstream = Some(pool.authority().clone());
         let forwarded = Forwarded {
             state: &state,

@@ -216,8 +216,9 @@ where
                 return Outcome::Closed;
             }
         }
-        // From when the request ended, as just recorded for the metrics,
-        // rather than from another reading of the clock.
+        // From when the request ended, as just recorded (in whole
+        // milliseconds) for the idle timeout, rather than from another
+        // reading of the clock.
         idle_due = conn
             .activity
             .idle_deadline(conn.idle_timeout)
