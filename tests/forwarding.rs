@@ -18,13 +18,7 @@ async fn hop_by_hop_removed_and_forwarding_headers_set() {
                Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\n\
                Upgrade: h2c\r\nX-Forwarded-For: 6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\n\
                X-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.test\r\nX-Custom: kept\r\n\r\n";
-    let out = raw(proxy.addr, req.as_bytes(), Duration::from_secs(5)).await;
-    assert_eq!(status_of(&out), Some(200), "{out}");
-    let echoed = out
-        .split("site-a\n")
-        .nth(1)
-        .expect("echo body")
-        .to_ascii_lowercase();
+    let echoed = echoed_by_site_a(proxy.addr, req).await;
     for gone in [
         "x-hop:",
         "keep-alive:",
@@ -77,13 +71,7 @@ async fn client_forwarding_fields_are_replaced_on_every_path() {
             "{start} HTTP/1.1\r\nHost: a.test\r\nConnection: {connection}\r\n{spoofed}{}",
             if body.is_empty() { "\r\n" } else { body }
         );
-        let out = raw(proxy.addr, req.as_bytes(), Duration::from_secs(5)).await;
-        assert_eq!(status_of(&out), Some(200), "{out}");
-        let echoed = out
-            .split("site-a\n")
-            .nth(1)
-            .expect("echo body")
-            .to_ascii_lowercase();
+        let echoed = echoed_by_site_a(proxy.addr, &req).await;
         assert_has_lines(
             &echoed,
             &[
@@ -109,6 +97,17 @@ fn assert_forwarded_once(echoed: &str) {
         let count = echoed.lines().filter(|l| l.starts_with(name)).count();
         assert_eq!(count, 1, "{name} {count} times:\n{echoed}");
     }
+}
+
+/// Sends `req` through the proxy at `addr` to the echoing upstream
+/// `site-a`, and returns the request as it arrived there, lower-cased.
+async fn echoed_by_site_a(addr: std::net::SocketAddr, req: &str) -> String {
+    let out = raw(addr, req.as_bytes(), Duration::from_secs(5)).await;
+    assert_eq!(status_of(&out), Some(200), "{out}");
+    out.split("site-a\n")
+        .nth(1)
+        .expect("echo body")
+        .to_ascii_lowercase()
 }
 
 /// Asserts that each of `expected` is one whole line of `text`.
