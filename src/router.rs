@@ -10,7 +10,6 @@
 use axum::body::Body;
 use axum::extract::Request;
 use axum::response::Response;
-use futures_util::future::{Either, ready};
 use http::header::{ALLOW, CONTENT_LENGTH};
 use http::{HeaderValue, Method, StatusCode};
 
@@ -35,17 +34,13 @@ impl Pipeline {
 
     /// Answers one request that arrived on `conn`. `/health` and the rate
     /// limit are settled at once; only a forwarded request has anything to
-    /// wait for, and that part of the future is boxed, so the future
-    /// returned is small and cheap to move.
-    pub fn serve(
-        &self,
-        conn: &ConnInfo,
-        req: Request,
-    ) -> impl Future<Output = Response> + Send + Unpin + use<> {
+    /// wait for. Either way the answer is one pointer, small and cheap to
+    /// move, which a waiting connection keeps instead of a whole response.
+    pub fn serve(&self, conn: &ConnInfo, req: Request) -> proxy::Answer {
         // Before anything that could refuse or forward it: `/health` must
         // answer however busy a client is, and never uses up its allowance.
         if req.uri().path() == HEALTH {
-            return Either::Left(ready(health(req.method())));
+            return proxy::at_once(health(req.method()));
         }
         // Every other request counts against its client, for a configured
         // host or not.
@@ -56,9 +51,9 @@ impl Pipeline {
             &snapshot.config.proxy.trusted_proxies,
         );
         if let Some(refused) = ratelimit::refuse(&snapshot, client, &req) {
-            return Either::Left(ready(refused));
+            return proxy::at_once(refused);
         }
-        Either::Right(proxy::handle(&self.state, &snapshot, conn, client, req))
+        proxy::handle(&self.state, &snapshot, conn, client, req)
     }
 }
 

@@ -223,6 +223,38 @@ async fn a_client_that_stops_reading_is_cut_at_the_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_still_arriving_is_cut_at_the_deadline() {
+    let upstream = upstream().await;
+    let mut proxy = start(&upstream, 2);
+    // A whole request, and behind it the start of another that is never
+    // finished: once the first is answered, the proxy holds the second's
+    // head, incomplete, long before its 10 s head timeout.
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    let requests =
+        format!("GET /fast HTTP/1.1\r\nHost: {HOST}\r\n\r\nGET /fast HTTP/1.1\r\nHost: {HOST}\r\n");
+    stream.write_all(requests.as_bytes()).await.expect("write");
+    let mut first = Vec::new();
+    let answered = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut piece = [0; 1024];
+        while !first.ends_with(b"\r\n\r\nok") {
+            let n = stream.read(&mut piece).await.expect("read");
+            assert!(n > 0, "closed before the first answer");
+            first.extend_from_slice(&piece[..n]);
+        }
+    })
+    .await;
+    assert!(answered.is_ok(), "{}", String::from_utf8_lossy(&first));
+
+    let signalled = Instant::now();
+    proxy.signal("TERM");
+    assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(0));
+    assert_one_cut_at_the_deadline(&mut proxy, signalled);
+    let rest = read_until_close(&mut stream, Duration::from_secs(5)).await;
+    assert!(rest.is_empty(), "{rest}");
+    assert_eq!(upstream.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_websocket_gets_the_grace_period_then_is_cut() {
     let upstream = upstream().await;
     let mut proxy = start(&upstream, 2);

@@ -11,9 +11,10 @@ pub mod upstream;
 
 use std::error::Error as _;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use futures_util::future::{Either, ready};
+use futures_util::future::ready;
 use hyper::upgrade::OnUpgrade;
 use tokio::time::error::Elapsed;
 
@@ -32,6 +33,16 @@ use headers::Forwarding;
 use host::{RequestHost, request_host};
 use pool::{Outgoing, PooledBody, UpstreamError, UpstreamPool};
 
+/// A request's answer to come, whether it was made at once or waits for
+/// the upstream: one pointer, which a connection's task can keep while it
+/// waits at little cost.
+pub type Answer = Pin<Box<dyn Future<Output = Response> + Send>>;
+
+/// An answer made at once (`/health`, `429`, `421` and the like).
+pub fn at_once(response: Response) -> Answer {
+    Box::pin(ready(response))
+}
+
 /// Serves one proxied request from `client` (the address the rate limit
 /// counted it against), with the configuration `snapshot` it was counted
 /// under.
@@ -49,7 +60,7 @@ pub fn handle(
     conn: &ConnInfo,
     client: IpAddr,
     req: Request,
-) -> impl Future<Output = Response> + Send + Unpin + use<> {
+) -> Answer {
     let started = Instant::now();
     let exchange = Exchange::new(&req, conn, client, started);
     if !headers::transfer_coding_is_chunked_only(req.headers()) {
@@ -60,24 +71,14 @@ pub fn handle(
             "not implemented: only the chunked transfer coding is supported\n",
         );
         let metrics = snapshot.site_metrics(None).cloned();
-        return Either::Left(ready(exchange.finish(
-            response,
-            "-".to_owned(),
-            None,
-            metrics,
-        )));
+        return at_once(exchange.finish(response, "-".to_owned(), None, metrics));
     }
     let host = match request_host(&req) {
         Ok(host) => host,
         Err(e) => {
             let response = plain(StatusCode::BAD_REQUEST, &format!("bad request: {e}\n"));
             let metrics = snapshot.site_metrics(None).cloned();
-            return Either::Left(ready(exchange.finish(
-                response,
-                "-".to_owned(),
-                None,
-                metrics,
-            )));
+            return at_once(exchange.finish(response, "-".to_owned(), None, metrics));
         }
     };
     let metrics = snapshot.site_metrics(Some(&host.name)).cloned();
@@ -88,19 +89,19 @@ pub fn handle(
             StatusCode::MISDIRECTED_REQUEST,
             "misdirected request: the TLS server name differs from the requested host\n",
         );
-        return Either::Left(ready(exchange.finish(response, host.name, None, metrics)));
+        return at_once(exchange.finish(response, host.name, None, metrics));
     }
     let Some(pool) = snapshot.upstreams.get(&host.name).cloned() else {
         let response = plain(
             StatusCode::MISDIRECTED_REQUEST,
             "misdirected request: no site is configured for this host\n",
         );
-        return Either::Left(ready(exchange.finish(response, host.name, None, metrics)));
+        return at_once(exchange.finish(response, host.name, None, metrics));
     };
     let (request, client_upgrade) = upstream_request(&host, conn, client, req, metrics.as_deref());
     let timeout = snapshot.config.proxy.response_timeout;
     let state = state.clone();
-    Either::Right(Box::pin(async move {
+    Box::pin(async move {
         // Read here, not on arrival: an HTTP/2 stream's future is first
         // polled by its own task, which may wait in the runtime's queue.
         // One reading serves for the deadline and the latency.
@@ -118,7 +119,7 @@ pub fn handle(
             Ok(response) => exchange.finish(response, host.name, upstream, metrics),
             Err(response) => exchange.finish(response, host.name, upstream, metrics),
         }
-    }))
+    })
 }
 
 /// The request as the upstream gets it, and the client's side of an

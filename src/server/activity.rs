@@ -65,6 +65,11 @@ impl Activity {
         })
     }
 
+    /// When the connection opened.
+    pub fn opened(&self) -> Instant {
+        self.origin
+    }
+
     fn now_ms(&self) -> u64 {
         u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
     }

@@ -45,9 +45,9 @@ use tokio::time::{Instant, Sleep, sleep_until, timeout};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tracing::debug;
 
-use super::MAX_HEADERS;
 use super::activity::Activity;
 use super::date;
+use super::{Inner, MAX_HEADERS};
 use crate::body_framing::parse_length;
 use crate::conn_info::ConnInfo;
 use crate::proxy::headers::lists_token;
@@ -72,18 +72,11 @@ const FIELD_ROOM: usize = 48;
 
 /// What a connection served here needs from its server.
 pub struct Conn<'a> {
+    /// Timeouts, limits and the shutdown signals.
+    pub server: &'a Inner,
     pub pipeline: &'a Pipeline,
     pub info: &'a ConnInfo,
     pub activity: &'a Arc<Activity>,
-    /// When the first head is due.
-    pub first_head_due: Instant,
-    pub header_read_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub max_header_bytes: usize,
-    /// Finish the current exchange, then close.
-    pub stop: &'a CancellationToken,
-    /// Close now.
-    pub kill: &'a CancellationToken,
 }
 
 /// How a connection left this server.
@@ -96,140 +89,251 @@ pub enum Outcome<I> {
 }
 
 /// Serves `io` until it closes or a request needs hyper.
-pub async fn serve<I>(mut io: I, conn: Conn<'_>) -> Outcome<I>
+///
+/// A task keeps room for the largest state its future ever has, for as
+/// long as it lives. What a connection needs between requests (the
+/// stream, its timer and the shutdown signals) is therefore nearly all
+/// that this future holds: the pipeline's answer is a pointer while it is
+/// awaited, and the state of writing a response is boxed while it is
+/// written. An async fn would also keep its arguments beside their moved
+/// copies, hence the `async move` block.
+pub fn serve<'a, I>(
+    io: I,
+    conn: Conn<'a>,
+    first_head_due: Instant,
+) -> impl Future<Output = Outcome<I>> + 'a
 where
-    I: AsyncRead + AsyncWrite + Unpin,
+    I: AsyncRead + AsyncWrite + Unpin + 'a,
 {
-    let peer = conn.info.peer;
-    let mut kill = pin!(conn.kill.cancelled());
-    let mut stop = pin!(conn.stop.cancelled());
-    // One timer for every wait of the connection, moved rather than made
-    // anew: a head or idle deadline, or a response write's stall limit.
-    let mut timer = pin!(sleep_until(conn.first_head_due));
-    // Bytes read and not yet served: a head still arriving, or requests
-    // sent ahead (pipelined).
-    let mut pending = BytesMut::new();
-    // When the head being awaited is due; `None` between requests, when
-    // the idle timeout applies instead.
-    let mut head_due = Some(conn.first_head_due);
-    let mut idle_due = Instant::now() + conn.idle_timeout;
-    let mut parses = 0;
-    loop {
-        let head = loop {
-            if !pending.is_empty() {
-                match parse(pending.split().freeze(), conn.max_header_bytes) {
-                    Parsed::Simple(head) => break head,
-                    Parsed::Partial(bytes) if parses < MAX_PARSES_PER_HEAD => {
-                        pending = BytesMut::from(bytes);
-                        parses += 1;
-                    }
-                    Parsed::Partial(bytes) | Parsed::Other(bytes) => {
-                        let due = head_due.unwrap_or_else(Instant::now);
-                        return Outcome::HandOver(Replay::new(io, bytes), due);
+    let mut link = Link {
+        io,
+        pending: BytesMut::new(),
+        head_due: Some(first_head_due),
+        idle_due: Instant::now() + conn.server.idle_timeout,
+        parses: 0,
+    };
+    async move {
+        // One timer for every wait of the connection, moved rather than
+        // made anew: a head or idle deadline, or a response write's stall
+        // limit. Each wait sets it before it is polled.
+        let mut timer = pin!(sleep_until(link.idle_due));
+        let mut shutdown = Shutdown {
+            waiting: pin!(conn.server.stop.cancelled()),
+            kill: &conn.server.kill,
+            killing: false,
+        };
+        loop {
+            let head = loop {
+                if !link.pending.is_empty() {
+                    match parse(link.pending.split().freeze(), conn.server.max_header_bytes) {
+                        Parsed::Simple(head) => break head,
+                        Parsed::Partial(bytes) if link.parses < MAX_PARSES_PER_HEAD => {
+                            link.pending = BytesMut::from(bytes);
+                            link.parses += 1;
+                        }
+                        Parsed::Partial(bytes) | Parsed::Other(bytes) => {
+                            let due = link.head_due.unwrap_or_else(Instant::now);
+                            return Outcome::HandOver(Replay::new(link.io, bytes), due);
+                        }
                     }
                 }
-            }
-            let waiting_idle = pending.is_empty();
-            timer.as_mut().reset(head_due.unwrap_or(idle_due));
-            let read = tokio::select! {
-                biased;
-                read = read_some(&mut io, &mut pending) => read,
-                () = &mut kill => return Outcome::Closed,
-                () = &mut stop, if waiting_idle => {
-                    close(&mut io).await;
-                    return Outcome::Closed;
-                }
-                () = timer.as_mut() => {
-                    if head_due.is_some() {
-                        debug!(%peer, "request head not complete in time; closing");
-                    } else {
-                        debug!(%peer, "idle connection; closing");
-                        close(&mut io).await;
+                match wait(&mut link, &conn, timer.as_mut(), &mut shutdown).await {
+                    Waited::Bytes => {}
+                    Waited::Close => {
+                        Box::pin(close(&mut link.io)).await;
+                        return Outcome::Closed;
                     }
-                    return Outcome::Closed;
+                    Waited::Closed => return Outcome::Closed,
                 }
             };
-            match read {
-                Ok(0) => return Outcome::Closed,
-                Ok(_) => {
-                    if head_due.is_none() {
-                        head_due = Some(Instant::now() + conn.header_read_timeout);
+            // Taken apart in a block of its own: the connection's state
+            // keeps no room for the request while its answer is awaited.
+            let (answer, in_flight, keep_alive, method_is_head) = {
+                let Head {
+                    request,
+                    keep_alive,
+                    rest,
+                } = head;
+                link.parses = 0;
+                link.head_due = None;
+                link.pending = rest;
+                let method_is_head = request.method() == Method::HEAD;
+                let in_flight = conn.activity.start_request();
+                let answer = conn.pipeline.serve(conn.info, request);
+                (answer, in_flight, keep_alive, method_is_head)
+            };
+            // While the answer is awaited, the client's side is read too: a
+            // client that goes away cancels its request, as with hyper.
+            // Only while nothing is buffered: requests sent ahead are
+            // answered even if the client has stopped sending (half-closed)
+            // after them.
+            let response = {
+                let mut answer = answer;
+                loop {
+                    let watch = link.pending.is_empty();
+                    tokio::select! {
+                        biased;
+                        response = &mut answer => break response,
+                        () = poll_fn(|cx| shutdown.poll_kill(cx)) => return Outcome::Closed,
+                        read = read_some(&mut link.io, &mut link.pending), if watch => match read {
+                            Ok(0) => {
+                                let peer = conn.info.peer;
+                                debug!(%peer, "client closed the connection before its response");
+                                return Outcome::Closed;
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                let peer = conn.info.peer;
+                                debug!(%peer, "connection: {e}");
+                                return Outcome::Closed;
+                            }
+                        },
                     }
+                }
+            };
+            let keep_alive = keep_alive && !conn.server.stop.is_cancelled();
+            let client = Client {
+                io: &mut link.io,
+                pending: &mut link.pending,
+                stall: conn.server.idle_timeout,
+                timer: timer.as_mut(),
+                shutdown: &mut shutdown,
+            };
+            let sent = Box::pin(send(client, response, method_is_head, keep_alive)).await;
+            drop(in_flight);
+            match sent {
+                Sent::KeepAlive => {}
+                Sent::Close => {
+                    Box::pin(close(&mut link.io)).await;
+                    return Outcome::Closed;
+                }
+                Sent::Failed(why) => {
+                    let peer = conn.info.peer;
+                    debug!(%peer, "response: {why}");
+                    return Outcome::Closed;
+                }
+            }
+            // From when the request ended, as just recorded (in whole
+            // milliseconds) for the idle timeout, rather than from another
+            // reading of the clock.
+            link.idle_due = conn
+                .activity
+                .idle_deadline(conn.server.idle_timeout)
+                .map_or_else(
+                    || Instant::now() + conn.server.idle_timeout,
+                    Instant::from_std,
+                );
+            if link.pending.is_empty() {
+                // Between requests the connection keeps no buffer at all.
+                link.pending = BytesMut::new();
+            } else {
+                link.head_due = Some(Instant::now() + conn.server.header_read_timeout);
+            }
+        }
+    }
+}
+
+/// What a connection keeps between its requests.
+struct Link<I> {
+    io: I,
+    /// Bytes read and not yet served: a head still arriving, or requests
+    /// sent ahead (pipelined).
+    pending: BytesMut,
+    /// When the head being awaited is due; `None` between requests, when
+    /// the idle timeout applies instead.
+    head_due: Option<Instant>,
+    idle_due: Instant,
+    /// How often the head now arriving was parsed.
+    parses: u32,
+}
+
+/// A connection's wait for the server's shutdown signals, with one
+/// registration for both: with `stop` until it comes, then with `kill`,
+/// which never comes before it.
+struct Shutdown<'p, 't> {
+    waiting: Pin<&'p mut WaitForCancellationFuture<'t>>,
+    kill: &'t CancellationToken,
+    /// Whether `waiting` is `kill`'s.
+    killing: bool,
+}
+
+impl Shutdown<'_, '_> {
+    /// Ready once the server stops: the connection is to close when it has
+    /// nothing in progress.
+    fn poll_stop(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.killing {
+            return Poll::Ready(());
+        }
+        self.waiting.as_mut().poll(cx)
+    }
+
+    /// Ready once the server's grace period is over: the connection is to
+    /// close whatever it is doing.
+    fn poll_kill(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.killing {
+            ready!(self.waiting.as_mut().poll(cx));
+            self.waiting.set(self.kill.cancelled());
+            self.killing = true;
+        }
+        self.waiting.as_mut().poll(cx)
+    }
+}
+
+/// How a wait for the client's bytes ended.
+enum Waited {
+    /// Some arrived.
+    Bytes,
+    /// The connection is to be closed the orderly way.
+    Close,
+    /// It is over.
+    Closed,
+}
+
+/// Waits for the client's next bytes: a new request, or more of a head.
+/// A hand-made future rather than an async fn, which would keep its
+/// arguments twice in the state of an idle connection.
+fn wait<'a, I: AsyncRead + Unpin>(
+    link: &'a mut Link<I>,
+    conn: &'a Conn<'_>,
+    mut timer: Pin<&'a mut Sleep>,
+    shutdown: &'a mut Shutdown<'_, '_>,
+) -> impl Future<Output = Waited> + 'a {
+    let waiting_idle = link.pending.is_empty();
+    timer.as_mut().reset(link.head_due.unwrap_or(link.idle_due));
+    poll_fn(move |cx| {
+        let peer = conn.info.peer;
+        if let Poll::Ready(read) = poll_read_some(&mut link.io, &mut link.pending, cx) {
+            return Poll::Ready(match read {
+                Ok(0) => Waited::Closed,
+                Ok(_) => {
+                    if link.head_due.is_none() {
+                        link.head_due = Some(Instant::now() + conn.server.header_read_timeout);
+                    }
+                    Waited::Bytes
                 }
                 Err(e) => {
                     debug!(%peer, "connection: {e}");
-                    return Outcome::Closed;
+                    Waited::Closed
                 }
-            }
-        };
-        parses = 0;
-        head_due = None;
-        pending = head.rest;
-        let method_is_head = head.request.method() == Method::HEAD;
-        let in_flight = conn.activity.start_request();
-        // While the answer is awaited, the client's side is read too: a
-        // client that goes away cancels its request, as with hyper. Only
-        // while nothing is buffered: requests sent ahead are answered even
-        // if the client has stopped sending (half-closed) after them. The
-        // future lives in this block only, so that the connection's task
-        // keeps no room for it while the response is written.
-        let response = {
-            let mut serving = conn.pipeline.serve(conn.info, head.request);
-            loop {
-                let watch = pending.is_empty();
-                tokio::select! {
-                    biased;
-                    response = &mut serving => break response,
-                    () = &mut kill => return Outcome::Closed,
-                    read = read_some(&mut io, &mut pending), if watch => match read {
-                        Ok(0) => {
-                            debug!(%peer, "client closed the connection before its response");
-                            return Outcome::Closed;
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            debug!(%peer, "connection: {e}");
-                            return Outcome::Closed;
-                        }
-                    },
-                }
-            }
-        };
-        let keep_alive = head.keep_alive && !conn.stop.is_cancelled();
-        let client = Client {
-            io: &mut io,
-            pending: &mut pending,
-            stall: conn.idle_timeout,
-            timer: timer.as_mut(),
-            kill: kill.as_mut(),
-        };
-        let sent = send(client, response, method_is_head, keep_alive).await;
-        drop(in_flight);
-        match sent {
-            Sent::KeepAlive => {}
-            Sent::Close => {
-                close(&mut io).await;
-                return Outcome::Closed;
-            }
-            Sent::Failed(why) => {
-                debug!(%peer, "response: {why}");
-                return Outcome::Closed;
-            }
+            });
         }
-        // From when the request ended, as just recorded (in whole
-        // milliseconds) for the idle timeout, rather than from another
-        // reading of the clock.
-        idle_due = conn
-            .activity
-            .idle_deadline(conn.idle_timeout)
-            .map_or_else(|| Instant::now() + conn.idle_timeout, Instant::from_std);
-        if pending.is_empty() {
-            // Between requests the connection keeps no buffer at all.
-            pending = BytesMut::new();
+        if shutdown.poll_kill(cx).is_ready() {
+            return Poll::Ready(Waited::Closed);
+        }
+        if waiting_idle && shutdown.poll_stop(cx).is_ready() {
+            return Poll::Ready(Waited::Close);
+        }
+        if timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        Poll::Ready(if link.head_due.is_some() {
+            debug!(%peer, "request head not complete in time; closing");
+            Waited::Closed
         } else {
-            head_due = Some(Instant::now() + conn.header_read_timeout);
-        }
-    }
+            debug!(%peer, "idle connection; closing");
+            Waited::Close
+        })
+    })
 }
 
 /// Reads what the client has sent into `pending`, through a buffer on the
@@ -238,13 +342,19 @@ fn read_some<'a, I: AsyncRead + Unpin>(
     io: &'a mut I,
     pending: &'a mut BytesMut,
 ) -> impl Future<Output = io::Result<usize>> + 'a {
-    poll_fn(move |cx| {
-        let mut chunk = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
-        let mut buf = ReadBuf::uninit(&mut chunk);
-        ready!(Pin::new(&mut *io).poll_read(cx, &mut buf))?;
-        pending.extend_from_slice(buf.filled());
-        Poll::Ready(Ok(buf.filled().len()))
-    })
+    poll_fn(move |cx| poll_read_some(io, pending, cx))
+}
+
+fn poll_read_some<I: AsyncRead + Unpin>(
+    io: &mut I,
+    pending: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    let mut chunk = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+    let mut buf = ReadBuf::uninit(&mut chunk);
+    ready!(Pin::new(io).poll_read(cx, &mut buf))?;
+    pending.extend_from_slice(buf.filled());
+    Poll::Ready(Ok(buf.filled().len()))
 }
 
 /// Ends the connection the way a finished HTTP/1.1 connection ends (TLS's
@@ -375,7 +485,7 @@ enum Framing {
 }
 
 /// The client's side of a connection while a response is written to it.
-struct Client<'a, 'k, I> {
+struct Client<'a, 'p, 't, I> {
     io: &'a mut I,
     /// Where bytes the client sends ahead go.
     pending: &'a mut BytesMut,
@@ -384,13 +494,13 @@ struct Client<'a, 'k, I> {
     /// Measures `stall`.
     timer: Pin<&'a mut Sleep>,
     /// Ends the response at once.
-    kill: Pin<&'a mut WaitForCancellationFuture<'k>>,
+    shutdown: &'a mut Shutdown<'p, 't>,
 }
 
 /// Writes `response` to `client`. A client that closes while the body is
 /// awaited is noticed.
 async fn send<I: AsyncRead + AsyncWrite + Unpin>(
-    mut client: Client<'_, '_, I>,
+    mut client: Client<'_, '_, '_, I>,
     response: Response,
     method_is_head: bool,
     keep_alive: bool,
@@ -435,7 +545,9 @@ async fn send<I: AsyncRead + AsyncWrite + Unpin>(
                     tokio::select! {
                         biased;
                         frame = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)) => break frame,
-                        () = client.kill.as_mut() => return Sent::Failed("closed at shutdown"),
+                        () = poll_fn(|cx| client.shutdown.poll_kill(cx)) => {
+                            return Sent::Failed("closed at shutdown");
+                        }
                         read = read_some(client.io, client.pending), if watch => match read {
                             Ok(0) | Err(_) => return Sent::Failed("client closed the connection"),
                             Ok(_) => {}
@@ -514,7 +626,7 @@ fn poll_ready_frame(
     }
 }
 
-impl<I: AsyncWrite + Unpin> Client<'_, '_, I> {
+impl<I: AsyncWrite + Unpin> Client<'_, '_, '_, I> {
     /// Writes and flushes `bytes`, unless the client takes none of them for
     /// `stall` or `kill` fires. Most writes are taken at once; the timer is
     /// set only for one that is not, and set again whenever the client
@@ -545,7 +657,7 @@ impl<I: AsyncWrite + Unpin> Client<'_, '_, I> {
                     armed = false;
                     continue;
                 }
-                if self.kill.as_mut().poll(cx).is_ready() {
+                if self.shutdown.poll_kill(cx).is_ready() {
                     return Poll::Ready(Err("closed at shutdown"));
                 }
                 if !armed {

@@ -62,6 +62,7 @@ mod version;
 
 use std::convert::Infallible;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -96,7 +97,7 @@ use crate::router::Pipeline;
 use crate::tls::{Tls, handshake};
 use activity::{Activity, TrackedBody, TrackedIo};
 use framing::FramingGuard;
-use version::Version;
+use version::{Prefixed, Version};
 
 /// HTTP/2 streams one connection may have open at once (Envoy and the h2
 /// CVE advisories recommend at most 100–128).
@@ -359,163 +360,70 @@ impl Server {
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let server = self.clone();
-        // A task keeps the largest state its future ever has for as long as
-        // it lives, and an async fn keeps its arguments beside their moved
-        // copies. Boxed here, the stream (over 1 KiB with TLS) is a pointer
-        // in that state, and an idle connection is not charged for it twice
-        // or more.
-        let io = Box::new(io);
-        self.inner.connections.spawn(async move {
-            server.connection(io, info).await;
-            drop(permit);
-        });
+        // Boxed, the stream (over 1 KiB with TLS) is a pointer in the
+        // connection's task.
+        let connection = self.clone().connection(Box::new(io), info, permit);
+        self.inner.connections.spawn(connection);
     }
 
-    async fn connection<I>(&self, io: Box<I>, info: ConnInfo)
+    /// A connection's task, which holds `permit` until the connection ends.
+    ///
+    /// A task keeps room for the largest state its future ever has for as
+    /// long as it lives, so this future holds only what an idle HTTP/1.1
+    /// connection needs. The stages that need more are boxed while they
+    /// last: reading the first bytes, hyper's connection, and the writing
+    /// of each response in `h1`. An async fn would also keep its arguments
+    /// beside their moved copies, hence the `async move` block.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn would keep its arguments twice for the connection's life"
+    )]
+    fn connection<I>(
+        self,
+        io: Box<I>,
+        info: ConnInfo,
+        permit: OwnedSemaphorePermit,
+    ) -> impl Future<Output = ()> + Send + 'static
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let inner = &self.inner;
-        let peer = info.peer;
-        let ready = Instant::now();
-        let activity = Activity::new(inner.metrics.as_ref().map(|m| m.connection_gauges()));
-        let io = TrackedIo::new(io, Arc::clone(&activity));
-        // The first bytes belong to the first head and get its time. The
-        // framing check's own timer does not cover a beginning of the
-        // HTTP/2 preface, which it leaves alone as not HTTP/1.
-        let first_bytes_due = inner.header_read_timeout.min(inner.idle_timeout);
-        let detected = tokio::select! {
-            detected = version::detect(io) => detected,
-            () = tokio::time::sleep(first_bytes_due) => {
-                debug!(%peer, "no request in time; closing");
+        async move {
+            let activity =
+                Activity::new(self.inner.metrics.as_ref().map(|m| m.connection_gauges()));
+            let io = TrackedIo::new(io, Arc::clone(&activity));
+            let Some((version, io)) = Box::pin(first_bytes(&self.inner, io, info.peer)).await
+            else {
                 return;
-            }
-            () = inner.stop.cancelled() => return,
-            () = inner.kill.cancelled() => return,
-        };
-        let (version, io) = match detected {
-            Ok(detected) => detected,
-            Err(e) => {
-                debug!(%peer, "connection: {e}");
-                return;
-            }
-        };
-        let first_head_due = ready + inner.header_read_timeout;
-        let (io, head_due) = match (version, &inner.app) {
-            (Version::Http1, App::Proxy(pipeline)) => {
-                let conn = h1::Conn {
-                    pipeline,
-                    info: &info,
-                    activity: &activity,
-                    first_head_due,
-                    header_read_timeout: inner.header_read_timeout,
-                    idle_timeout: inner.idle_timeout,
-                    max_header_bytes: inner.max_header_bytes,
-                    stop: &inner.stop,
-                    kill: &inner.kill,
-                };
-                match h1::serve(io, conn).await {
-                    h1::Outcome::Closed => return,
-                    h1::Outcome::HandOver(io, head_due) => (io, head_due),
-                }
-            }
-            _ => (h1::Replay::new(io, Bytes::new()), first_head_due),
-        };
-        let io = TokioIo::new(FramingGuard::new(
-            io,
-            inner.max_header_bytes,
-            peer.ip(),
-            inner.header_read_timeout,
-            head_due,
-            Arc::clone(&activity),
-        ));
-        let app = inner.app.clone();
-        let requests = Arc::clone(&activity);
-        let body_read_timeout = inner.body_read_timeout;
-        let service = service_fn(move |req: Request<Incoming>| {
-            let req = req.map(|body| Body::new(TimedBody::new(body, body_read_timeout)));
-            let in_flight = requests.start_request();
-            let response = match &app {
-                // The part of the pipeline's future that waits for the
-                // upstream comes boxed (see `proxy::handle`).
-                App::Proxy(pipeline) => Either::Left(pipeline.serve(&info, req)),
-                App::Router(router) => {
-                    let mut req = req;
-                    req.extensions_mut().insert(info.clone());
-                    Either::Right(router.clone().oneshot(req).map(|response| match response {
-                        Ok(response) => response,
-                        Err(never) => match never {},
-                    }))
-                }
             };
-            async move {
-                let response = response.await;
-                Ok::<_, Infallible>(response.map(|inner| TrackedBody::new(inner, in_flight)))
-            }
-        });
-        // Each version's connection in its own box, so that an HTTP/1 one
-        // (the common case) is not the size of the larger HTTP/2 one.
-        let mut conn: HttpConnection<_, _, _> = match version {
-            Version::Http1 => Either::Left(Box::pin(
-                inner.http1.serve_connection(io, service).with_upgrades(),
-            )),
-            Version::Http2 => Either::Right(Box::pin(inner.http2.serve_connection(io, service))),
-        };
-        // Set once the connection was asked to close because it was idle:
-        // past this instant, if it is still idle, it is dropped.
-        let mut drop_at: Option<Instant> = None;
-        let mut closing = false;
-        loop {
-            let stall = activity
-                .write_stall_deadline(inner.idle_timeout)
-                .map(Instant::from_std);
-            let check = match drop_at {
-                Some(at) => at,
-                None => activity
-                    .idle_deadline(inner.idle_timeout)
-                    .map_or_else(|| Instant::now() + inner.idle_timeout, Instant::from_std),
+            let first_head_due =
+                Instant::from_std(activity.opened()) + self.inner.header_read_timeout;
+            let (io, head_due) = match (version, &self.inner.app) {
+                (Version::Http1, App::Proxy(pipeline)) => {
+                    let conn = h1::Conn {
+                        server: &self.inner,
+                        pipeline,
+                        info: &info,
+                        activity: &activity,
+                    };
+                    match h1::serve(io, conn, first_head_due).await {
+                        h1::Outcome::Closed => return,
+                        h1::Outcome::HandOver(io, head_due) => (io, head_due),
+                    }
+                }
+                _ => (h1::Replay::new(io, Bytes::new()), first_head_due),
             };
-            let check = stall.map_or(check, |stall| stall.min(check));
-            tokio::select! {
-                result = &mut conn => {
-                    if let Err(e) = result {
-                        debug!(%peer, "connection: {e}");
-                    }
-                    return;
-                }
-                () = tokio::time::sleep_until(check) => {
-                    let stalled = activity
-                        .write_stall_deadline(inner.idle_timeout)
-                        .is_some_and(|at| at <= std::time::Instant::now());
-                    if stalled {
-                        // Its response cannot be delivered; holding the
-                        // connection (and the upstream's) helps nobody.
-                        debug!(%peer, "client stopped reading its response; closing");
-                        return;
-                    }
-                    let idle = activity
-                        .idle_deadline(inner.idle_timeout)
-                        .is_some_and(|at| at <= std::time::Instant::now());
-                    if !idle {
-                        drop_at = drop_at.map(|_| Instant::now() + IDLE_CLOSE_GRACE);
-                    } else if drop_at.is_some() {
-                        debug!(%peer, "idle connection did not close; dropping it");
-                        return;
-                    } else {
-                        if !closing {
-                            graceful_shutdown(&mut conn);
-                            closing = true;
-                        }
-                        drop_at = Some(Instant::now() + IDLE_CLOSE_GRACE);
-                    }
-                }
-                () = inner.stop.cancelled(), if !closing => {
-                    graceful_shutdown(&mut conn);
-                    closing = true;
-                }
-                () = inner.kill.cancelled() => return,
-            }
+            Box::pin(hyper_connection(
+                &self.inner,
+                io,
+                head_due,
+                version,
+                &info,
+                activity,
+            ))
+            .await;
+            // The connection's place under `max_connections` goes with it:
+            // here, or with this future after an earlier return.
+            drop(permit);
         }
     }
 
@@ -545,6 +453,145 @@ impl Server {
         self.inner.kill.cancel();
         self.inner.connections.wait().await;
         cut
+    }
+}
+
+/// Reads a connection's first bytes, which tell HTTP/2 from HTTP/1. The
+/// first bytes belong to the first head and get its time. The framing
+/// check's own timer does not cover a beginning of the HTTP/2 preface,
+/// which it leaves alone as not HTTP/1.
+async fn first_bytes<I: AsyncRead + Unpin>(
+    inner: &Inner,
+    io: I,
+    peer: SocketAddr,
+) -> Option<(Version, Prefixed<I>)> {
+    let first_bytes_due = inner.header_read_timeout.min(inner.idle_timeout);
+    let detected = tokio::select! {
+        detected = version::detect(io) => detected,
+        () = tokio::time::sleep(first_bytes_due) => {
+            debug!(%peer, "no request in time; closing");
+            return None;
+        }
+        () = inner.stop.cancelled() => return None,
+        () = inner.kill.cancelled() => return None,
+    };
+    match detected {
+        Ok(detected) => Some(detected),
+        Err(e) => {
+            debug!(%peer, "connection: {e}");
+            None
+        }
+    }
+}
+
+/// Serves a connection with hyper's server from here on: HTTP/2, and
+/// HTTP/1.1 from the first request `h1` does not serve, behind the framing
+/// check.
+async fn hyper_connection<I>(
+    inner: &Inner,
+    io: h1::Replay<Prefixed<TrackedIo<Box<I>>>>,
+    head_due: Instant,
+    version: Version,
+    info: &ConnInfo,
+    activity: Arc<Activity>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = info.peer;
+    let io = TokioIo::new(FramingGuard::new(
+        io,
+        inner.max_header_bytes,
+        peer.ip(),
+        inner.header_read_timeout,
+        head_due,
+        Arc::clone(&activity),
+    ));
+    let app = inner.app.clone();
+    let requests = Arc::clone(&activity);
+    let body_read_timeout = inner.body_read_timeout;
+    let service = service_fn(move |req: Request<Incoming>| {
+        let req = req.map(|body| Body::new(TimedBody::new(body, body_read_timeout)));
+        let in_flight = requests.start_request();
+        let response = match &app {
+            // The part of the pipeline's future that waits for the
+            // upstream comes boxed (see `proxy::handle`).
+            App::Proxy(pipeline) => Either::Left(pipeline.serve(info, req)),
+            App::Router(router) => {
+                let mut req = req;
+                req.extensions_mut().insert(info.clone());
+                Either::Right(router.clone().oneshot(req).map(|response| match response {
+                    Ok(response) => response,
+                    Err(never) => match never {},
+                }))
+            }
+        };
+        async move {
+            let response = response.await;
+            Ok::<_, Infallible>(response.map(|inner| TrackedBody::new(inner, in_flight)))
+        }
+    });
+    // Each version's connection in its own box, so that an HTTP/1 one
+    // (the common case) is not the size of the larger HTTP/2 one.
+    let mut conn: HttpConnection<_, _, _> = match version {
+        Version::Http1 => Either::Left(Box::pin(
+            inner.http1.serve_connection(io, service).with_upgrades(),
+        )),
+        Version::Http2 => Either::Right(Box::pin(inner.http2.serve_connection(io, service))),
+    };
+    // Set once the connection was asked to close because it was idle:
+    // past this instant, if it is still idle, it is dropped.
+    let mut drop_at: Option<Instant> = None;
+    let mut closing = false;
+    loop {
+        let stall = activity
+            .write_stall_deadline(inner.idle_timeout)
+            .map(Instant::from_std);
+        let check = match drop_at {
+            Some(at) => at,
+            None => activity
+                .idle_deadline(inner.idle_timeout)
+                .map_or_else(|| Instant::now() + inner.idle_timeout, Instant::from_std),
+        };
+        let check = stall.map_or(check, |stall| stall.min(check));
+        tokio::select! {
+            result = &mut conn => {
+                if let Err(e) = result {
+                    debug!(%peer, "connection: {e}");
+                }
+                return;
+            }
+            () = tokio::time::sleep_until(check) => {
+                let stalled = activity
+                    .write_stall_deadline(inner.idle_timeout)
+                    .is_some_and(|at| at <= std::time::Instant::now());
+                if stalled {
+                    // Its response cannot be delivered; holding the
+                    // connection (and the upstream's) helps nobody.
+                    debug!(%peer, "client stopped reading its response; closing");
+                    return;
+                }
+                let idle = activity
+                    .idle_deadline(inner.idle_timeout)
+                    .is_some_and(|at| at <= std::time::Instant::now());
+                if !idle {
+                    drop_at = drop_at.map(|_| Instant::now() + IDLE_CLOSE_GRACE);
+                } else if drop_at.is_some() {
+                    debug!(%peer, "idle connection did not close; dropping it");
+                    return;
+                } else {
+                    if !closing {
+                        graceful_shutdown(&mut conn);
+                        closing = true;
+                    }
+                    drop_at = Some(Instant::now() + IDLE_CLOSE_GRACE);
+                }
+            }
+            () = inner.stop.cancelled(), if !closing => {
+                graceful_shutdown(&mut conn);
+                closing = true;
+            }
+            () = inner.kill.cancelled() => return,
+        }
     }
 }
 
