@@ -258,13 +258,11 @@ struct Shutdown<'p, 't> {
 }
 
 impl Shutdown<'_, '_> {
-    /// Ready once the server stops: the connection is to close when it has
-    /// nothing in progress.
-    fn poll_stop(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.killing {
-            return Poll::Ready(());
-        }
-        self.waiting.as_mut().poll(cx)
+    /// Whether the server has stopped (the connection is to close when it
+    /// has nothing in progress), as of the last `poll_kill`, whose waker
+    /// is registered for `stop` until then.
+    fn stopped(&self) -> bool {
+        self.killing
     }
 
     /// Ready once the server's grace period is over: the connection is to
@@ -320,7 +318,7 @@ fn wait<'a, I: AsyncRead + Unpin>(
         if shutdown.poll_kill(cx).is_ready() {
             return Poll::Ready(Waited::Closed);
         }
-        if waiting_idle && shutdown.poll_stop(cx).is_ready() {
+        if waiting_idle && shutdown.stopped() {
             return Poll::Ready(Waited::Close);
         }
         if timer.as_mut().poll(cx).is_pending() {

@@ -153,7 +153,9 @@ struct Inner {
     limit: Arc<Semaphore>,
     /// Stop accepting; connections finish their current request.
     stop: CancellationToken,
-    /// The grace period is over: close whatever is left.
+    /// The grace period is over: close whatever is left. Only ever
+    /// cancelled after `stop` (see `drain`), which `h1` relies on to wait
+    /// for both with one registration.
     kill: CancellationToken,
     metrics: Option<Arc<Metrics>>,
     /// Permits held by accept loops waiting for a connection, which are not
@@ -395,6 +397,8 @@ impl Server {
             else {
                 return;
             };
+            // From when the connection's task began (the activity record's
+            // start), which is not worth 16 more bytes of its state.
             let first_head_due =
                 Instant::from_std(activity.opened()) + self.inner.header_read_timeout;
             let (io, head_due) = match (version, &self.inner.app) {
@@ -422,7 +426,8 @@ impl Server {
             ))
             .await;
             // The connection's place under `max_connections` goes with it:
-            // here, or with this future after an earlier return.
+            // here, or with this future after an earlier return. Naming the
+            // permit here is what moves it into the future at all.
             drop(permit);
         }
     }
@@ -484,9 +489,9 @@ async fn first_bytes<I: AsyncRead + Unpin>(
     }
 }
 
-/// Serves a connection with hyper's server from here on: HTTP/2, and
-/// HTTP/1.1 from the first request `h1` does not serve, behind the framing
-/// check.
+/// Serves a connection with hyper's server from here on: HTTP/2, the
+/// small routers' HTTP/1.1, and the proxy's HTTP/1.1 from the first request
+/// `h1` does not serve, behind the framing check.
 async fn hyper_connection<I>(
     inner: &Inner,
     io: h1::Replay<Prefixed<TrackedIo<Box<I>>>>,
@@ -513,8 +518,7 @@ async fn hyper_connection<I>(
         let req = req.map(|body| Body::new(TimedBody::new(body, body_read_timeout)));
         let in_flight = requests.start_request();
         let response = match &app {
-            // The part of the pipeline's future that waits for the
-            // upstream comes boxed (see `proxy::handle`).
+            // The pipeline's answer comes boxed (`proxy::Answer`).
             App::Proxy(pipeline) => Either::Left(pipeline.serve(info, req)),
             App::Router(router) => {
                 let mut req = req;
