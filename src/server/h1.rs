@@ -28,7 +28,7 @@ use std::io::{self, Write as _};
 use std::mem::MaybeUninit;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -199,7 +199,10 @@ where
                 timer: timer.as_mut(),
                 shutdown: &mut shutdown,
             };
-            let sent = Box::pin(send(client, response, method_is_head, keep_alive)).await;
+            let sent = match start_sending(client, response, method_is_head, keep_alive) {
+                Ok(sent) => sent,
+                Err(sending) => sending.await,
+            };
             drop(in_flight);
             match sent {
                 Sent::KeepAlive => {}
@@ -495,41 +498,226 @@ struct Client<'a, 'p, 't, I> {
     shutdown: &'a mut Shutdown<'p, 't>,
 }
 
-/// Writes `response` to `client`. A client that closes while the body is
-/// awaited is noticed.
-async fn send<I: AsyncRead + AsyncWrite + Unpin>(
-    mut client: Client<'_, '_, '_, I>,
+/// A response on its way to the client.
+struct Sending {
+    /// Gathered and not yet written: the head, then body frames.
+    out: spare::Buffer,
+    /// The body still to come; `None` once all of it is in `out`.
+    body: Option<Body>,
+    framing: Framing,
+    /// Body bytes the head's `Content-Length` still owes.
+    remaining: u64,
+    /// Whether the connection closes after this response.
+    close: bool,
+}
+
+impl Sending {
+    /// Encodes the head of `response`, and chooses how its body goes.
+    fn new(response: Response, method_is_head: bool, keep_alive: bool) -> Self {
+        let (mut parts, body) = response.into_parts();
+        let exact = body.size_hint().exact();
+        // Room for the head, and for the body if it goes out with the head.
+        let body_room = exact
+            .and_then(|len| usize::try_from(len).ok())
+            .filter(|&len| len <= GATHER)
+            .unwrap_or(0);
+        let mut out =
+            spare::response_buffer(HEAD_ROOM + parts.headers.len() * FIELD_ROOM + body_room);
+        let (framing, close) = encode_head(&mut out, &parts, exact, method_is_head, !keep_alive);
+        spare::give_back(std::mem::take(&mut parts.headers));
+        let (body, remaining) = match framing {
+            Framing::Empty => (None, 0),
+            Framing::Length(len) => (Some(body), len),
+            Framing::Chunked => (Some(body), u64::MAX),
+        };
+        Self {
+            out,
+            body,
+            framing,
+            remaining,
+            close,
+        }
+    }
+
+    fn sent(&self) -> Sent {
+        if self.close {
+            Sent::Close
+        } else {
+            Sent::KeepAlive
+        }
+    }
+}
+
+/// A frame of a response body, as polled.
+type BodyFrame = Option<Result<http_body::Frame<Bytes>, axum::Error>>;
+
+/// What [`send_now`] left for [`send`].
+struct Unsent {
+    sending: Sending,
+    /// A frame taken from the body and not dealt with.
+    first: Option<BodyFrame>,
+    /// How much of `out` is written; only ever more than 0 once the whole
+    /// body is in it.
+    written: usize,
+}
+
+/// Sends a response without waiting, when it can: its head and a body that
+/// is all there now, gathered into one write that the socket takes whole.
+/// That is most responses, and they then need no state kept across a wait.
+/// Whatever is not ready is left to [`send`]. The polls here are given a
+/// waker that does nothing; `send` polls again first, with the task's.
+#[expect(
+    clippy::result_large_err,
+    reason = "returned once per response; the rare `Unsent` is moved into a box at once"
+)]
+fn send_now<I: AsyncWrite + Unpin>(
+    io: &mut I,
     response: Response,
     method_is_head: bool,
     keep_alive: bool,
-) -> Sent {
-    let (mut parts, mut body) = response.into_parts();
-    let exact = body.size_hint().exact();
-    // Room for the head, and for the body if it goes out with the head.
-    let body_room = exact
-        .and_then(|len| usize::try_from(len).ok())
-        .filter(|&len| len <= GATHER)
-        .unwrap_or(0);
-    let mut out = spare::response_buffer(HEAD_ROOM + parts.headers.len() * FIELD_ROOM + body_room);
-    let (framing, close) = encode_head(&mut out, &parts, exact, method_is_head, !keep_alive);
-    spare::give_back(std::mem::take(&mut parts.headers));
-    drop(parts);
-    let mut remaining = match framing {
-        Framing::Empty => {
-            drop(body);
-            return match client.write(&out).await {
-                Ok(()) if close => Sent::Close,
-                Ok(()) => Sent::KeepAlive,
-                Err(why) => Sent::Failed(why),
+) -> Result<Sent, Unsent> {
+    let mut sending = Sending::new(response, method_is_head, keep_alive);
+    let mut cx = Context::from_waker(Waker::noop());
+    if let Some(mut body) = sending.body.take() {
+        loop {
+            let Some(frame) = poll_ready_frame(&mut body, &mut cx) else {
+                sending.body = Some(body);
+                return Err(Unsent {
+                    sending,
+                    first: None,
+                    written: 0,
+                });
             };
+            let data = match frame {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => data,
+                    // Trailers: HTTP/1.1 responses here carry none.
+                    Err(_) => continue,
+                },
+                None if matches!(sending.framing, Framing::Length(_)) && sending.remaining > 0 => {
+                    sending.body = Some(body);
+                    return Err(Unsent {
+                        sending,
+                        first: Some(None),
+                        written: 0,
+                    });
+                }
+                None => break,
+                Some(Err(e)) => {
+                    sending.body = Some(body);
+                    return Err(Unsent {
+                        sending,
+                        first: Some(Some(Err(e))),
+                        written: 0,
+                    });
+                }
+            };
+            let len = data.len() as u64;
+            let chunked = matches!(sending.framing, Framing::Chunked);
+            let line = if chunked { CHUNK_LINE_ROOM } else { 0 };
+            let fits = sending.out.len() + line + data.len() <= GATHER;
+            if !fits || len > sending.remaining {
+                sending.body = Some(body);
+                return Err(Unsent {
+                    sending,
+                    first: Some(Some(Ok(http_body::Frame::data(data)))),
+                    written: 0,
+                });
+            }
+            if chunked {
+                // Writing into a Vec cannot fail.
+                let _ = write!(sending.out, "{len:x}\r\n");
+                sending.out.extend_from_slice(&data);
+                sending.out.extend_from_slice(b"\r\n");
+            } else {
+                sending.remaining -= len;
+                sending.out.extend_from_slice(&data);
+            }
         }
-        Framing::Length(len) => len,
-        Framing::Chunked => u64::MAX,
+        if let Framing::Chunked = sending.framing {
+            sending.out.extend_from_slice(b"0\r\n\r\n");
+        }
+    }
+    let mut written = 0;
+    while written < sending.out.len() {
+        match Pin::new(&mut *io).poll_write(&mut cx, &sending.out[written..]) {
+            Poll::Ready(Ok(0) | Err(_)) => return Ok(Sent::Failed(CLIENT_FAILED)),
+            Poll::Ready(Ok(n)) => written += n,
+            Poll::Pending => {
+                return Err(Unsent {
+                    sending,
+                    first: None,
+                    written,
+                });
+            }
+        }
+    }
+    match Pin::new(io).poll_flush(&mut cx) {
+        Poll::Ready(Ok(())) => Ok(sending.sent()),
+        Poll::Ready(Err(_)) => Ok(Sent::Failed(CLIENT_FAILED)),
+        Poll::Pending => Err(Unsent {
+            sending,
+            first: None,
+            written,
+        }),
+    }
+}
+
+/// Room a chunk's size line takes at most (16 hex digits and CRLF), and
+/// the CRLF after its data.
+const CHUNK_LINE_ROOM: usize = 20;
+
+const CLIENT_FAILED: &str = "client connection failed";
+
+/// Sends `response` to `client` at once if it can, or else returns the
+/// rest of the work boxed: the state of a write in progress would
+/// otherwise be room kept in every connection's task, idle ones included.
+fn start_sending<'a, I: AsyncRead + AsyncWrite + Unpin>(
+    client: Client<'a, '_, '_, I>,
+    response: Response,
+    method_is_head: bool,
+    keep_alive: bool,
+) -> Result<Sent, Pin<Box<impl Future<Output = Sent> + 'a>>> {
+    match send_now(client.io, response, method_is_head, keep_alive) {
+        Ok(sent) => Ok(sent),
+        Err(unsent) => Err(Box::pin(send(client, unsent))),
+    }
+}
+
+/// Finishes writing what [`send_now`] could not to `client`. A client that
+/// closes while the body is awaited is noticed.
+async fn send<I: AsyncRead + AsyncWrite + Unpin>(
+    mut client: Client<'_, '_, '_, I>,
+    unsent: Unsent,
+) -> Sent {
+    let Unsent {
+        sending,
+        mut first,
+        written,
+    } = unsent;
+    let Sending {
+        mut out,
+        body,
+        framing,
+        mut remaining,
+        close,
+    } = sending;
+    let Some(mut body) = body else {
+        // All of it is in `out`.
+        return match client.write(&out[written..]).await {
+            Ok(()) if close => Sent::Close,
+            Ok(()) => Sent::KeepAlive,
+            Err(why) => Sent::Failed(why),
+        };
     };
     loop {
         // A frame that is ready joins what is gathered; before waiting for
         // one, what is gathered goes out.
-        let frame = match poll_fn(|cx| Poll::Ready(poll_ready_frame(&mut body, cx))).await {
+        let ready = match first.take() {
+            Some(frame) => Some(frame),
+            None => poll_fn(|cx| Poll::Ready(poll_ready_frame(&mut body, cx))).await,
+        };
+        let frame = match ready {
             Some(frame) => frame,
             None => {
                 if !out.is_empty() {
@@ -630,14 +818,13 @@ impl<I: AsyncWrite + Unpin> Client<'_, '_, '_, I> {
     /// set only for one that is not, and set again whenever the client
     /// takes some.
     async fn write(&mut self, bytes: &[u8]) -> Result<(), &'static str> {
-        const FAILED: &str = "client connection failed";
         let mut written = 0;
         let mut armed = false;
         poll_fn(|cx| {
             loop {
                 let progress = if written < bytes.len() {
                     match Pin::new(&mut *self.io).poll_write(cx, &bytes[written..]) {
-                        Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Err(FAILED)),
+                        Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Err(CLIENT_FAILED)),
                         Poll::Ready(Ok(n)) => {
                             written += n;
                             true
@@ -647,7 +834,7 @@ impl<I: AsyncWrite + Unpin> Client<'_, '_, '_, I> {
                 } else {
                     match Pin::new(&mut *self.io).poll_flush(cx) {
                         Poll::Ready(Ok(())) => return Poll::Ready(Ok(())),
-                        Poll::Ready(Err(_)) => return Poll::Ready(Err(FAILED)),
+                        Poll::Ready(Err(_)) => return Poll::Ready(Err(CLIENT_FAILED)),
                         Poll::Pending => false,
                     }
                 };
@@ -799,3 +986,66 @@ impl<I: AsyncRead + Unpin> AsyncRead for Replay<I> {
 }
 
 write_through!(Replay);
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, duplex};
+
+    use super::*;
+
+    /// A response the socket takes only part of at once is finished by
+    /// `send`, from where `send_now` stopped.
+    #[tokio::test]
+    async fn a_response_taken_in_part_is_finished_from_where_it_stopped() {
+        const LEN: usize = 1024;
+        // Writes to `proxy` wait once 64 bytes are not yet read.
+        let (mut peer, mut proxy) = duplex(64);
+        let response = Response::new(Body::from(vec![b'x'; LEN]));
+        let Err(unsent) = send_now(&mut proxy, response, false, true) else {
+            panic!("a 64-byte pipe took the whole response at once");
+        };
+        assert_eq!(unsent.written, 64);
+        assert!(unsent.sending.body.is_none(), "the body was all there");
+
+        let reader = tokio::spawn(async move {
+            let mut all = Vec::new();
+            peer.read_to_end(&mut all).await.expect("read");
+            all
+        });
+        let stop = CancellationToken::new();
+        let kill = CancellationToken::new();
+        let mut shutdown = Shutdown {
+            waiting: pin!(stop.cancelled()),
+            kill: &kill,
+            killing: false,
+        };
+        let mut timer = pin!(sleep_until(Instant::now() + Duration::from_secs(5)));
+        let mut pending = BytesMut::new();
+        let client = Client {
+            io: &mut proxy,
+            pending: &mut pending,
+            stall: Duration::from_secs(5),
+            timer: timer.as_mut(),
+            shutdown: &mut shutdown,
+        };
+        assert!(matches!(send(client, unsent).await, Sent::KeepAlive));
+        drop(proxy);
+
+        let all = reader.await.expect("reader");
+        let head_end = all
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("a whole head")
+            + 4;
+        let head = String::from_utf8_lossy(&all[..head_end]);
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        // Written once each: nothing sent twice, nothing left out.
+        assert_eq!(head.matches("HTTP/1.1").count(), 1, "{head}");
+        assert_eq!(
+            head.matches("content-length: 1024\r\n").count(),
+            1,
+            "{head}"
+        );
+        assert_eq!(&all[head_end..], &[b'x'; LEN][..]);
+    }
+}
