@@ -292,45 +292,40 @@ async fn a_head_that_arrives_in_pieces_is_answered() {
 }
 
 #[tokio::test]
-async fn responses_a_client_takes_slowly_arrive_whole_and_in_order() {
+async fn responses_a_client_takes_late_arrive_whole_and_in_order() {
     let upstream = upstream().await;
     let proxy = proxy_to(&upstream).await;
-    // A small receive window, and far more response bytes than it and the
-    // proxy's send buffer hold: the proxy's writes may have to wait for
-    // the client, between responses or in the middle of one.
-    const REQUESTS: usize = 256;
+    // Far more response bytes than a small receive window and the proxy's
+    // send buffer hold, and a client that starts reading only after a
+    // while: the proxy's writes wait for it. (Which write first finds the
+    // socket full is up to the kernel; a unit test in `h1` covers a
+    // response taken in part.)
+    const REQUESTS: usize = 192;
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket.set_recv_buffer_size(4 * 1024).expect("SO_RCVBUF");
     let mut stream = socket.connect(proxy.addr).await.expect("connect");
+    let path = |i: usize| match i % 3 {
+        0 => "/fixed".to_owned(),
+        1 => "/stream".to_owned(),
+        _ => format!("/echo{i}"),
+    };
     let mut requests = String::new();
     for i in 0..REQUESTS {
-        let path = if i % 2 == 0 { "/fixed" } else { "/stream" };
-        requests.push_str(&format!("GET {path} HTTP/1.1\r\nHost: a.test\r\n\r\n"));
+        requests.push_str(&format!("GET {} HTTP/1.1\r\nHost: a.test\r\n\r\n", path(i)));
     }
     requests.push_str("GET /last HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n");
     stream.write_all(requests.as_bytes()).await.expect("send");
-    let mut raw = Vec::new();
-    let mut piece = [0; 512];
-    let read = tokio::time::timeout(BOUND, async {
-        loop {
-            let n = stream.read(&mut piece).await.expect("read");
-            if n == 0 {
-                break;
-            }
-            raw.extend_from_slice(&piece[..n]);
-        }
-    })
-    .await;
-    assert!(read.is_ok(), "the proxy closes the connection in time");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let raw = read_to_close(&mut stream).await;
     let got = responses(&raw, &[false; REQUESTS + 1]);
-    assert_eq!(got.len(), REQUESTS + 1);
     for (i, response) in got[..REQUESTS].iter().enumerate() {
         assert_eq!(response.status, 200, "response {i}");
-        if i % 2 == 0 {
-            assert_eq!(response.body, vec![b'f'; KIB], "response {i}");
-        } else {
-            assert_eq!(response.body, b"one two three", "response {i}");
-        }
+        let want = match i % 3 {
+            0 => vec![b'f'; KIB],
+            1 => b"one two three".to_vec(),
+            _ => format!("GET {} ", path(i)).into_bytes(),
+        };
+        assert_eq!(response.body, want, "response {i}");
     }
     assert_eq!(got[REQUESTS].body, b"GET /last ");
 }

@@ -94,9 +94,10 @@ pub enum Outcome<I> {
 /// long as it lives. What a connection needs between requests (the
 /// stream, its timer and the shutdown signals) is therefore nearly all
 /// that this future holds: the pipeline's answer is a pointer while it is
-/// awaited, and the state of writing a response is boxed while it is
-/// written. An async fn would also keep its arguments beside their moved
-/// copies, hence the `async move` block.
+/// awaited, a response that can go at once is written with no state kept
+/// across a wait, and one that cannot is finished from a box. An async fn
+/// would also keep its arguments beside their moved copies, hence the
+/// `async move` block.
 pub fn serve<'a, I>(
     io: I,
     conn: Conn<'a>,
@@ -562,7 +563,7 @@ struct Unsent {
 }
 
 /// Sends a response without waiting, when it can: its head and a body that
-/// is all there now, gathered into one write that the socket takes whole.
+/// is all there now, gathered into one buffer that the socket takes whole.
 /// That is most responses, and they then need no state kept across a wait.
 /// Whatever is not ready is left to [`send`]. The polls here are given a
 /// waker that does nothing; `send` polls again first, with the task's.
@@ -590,6 +591,8 @@ fn send_now<I: AsyncWrite + Unpin>(
             };
             let data = match frame {
                 Some(Ok(frame)) => match frame.into_data() {
+                    // An empty chunk would end a chunked body.
+                    Ok(data) if data.is_empty() => continue,
                     Ok(data) => data,
                     // Trailers: HTTP/1.1 responses here carry none.
                     Err(_) => continue,
@@ -992,6 +995,28 @@ mod tests {
     use tokio::io::{AsyncReadExt, duplex};
 
     use super::*;
+
+    #[tokio::test]
+    async fn an_empty_frame_does_not_end_a_chunked_body() {
+        let (mut peer, mut proxy) = duplex(4096);
+        let pieces =
+            ["one ", "", "two"].map(|p| Ok::<_, io::Error>(Bytes::from_static(p.as_bytes())));
+        let body = Body::from_stream(futures_util::stream::iter(pieces));
+        let sent = send_now(&mut proxy, Response::new(body), false, true);
+        assert!(
+            matches!(sent, Ok(Sent::KeepAlive)),
+            "the body was all there"
+        );
+        drop(proxy);
+        let mut all = Vec::new();
+        peer.read_to_end(&mut all).await.expect("read");
+        let all = String::from_utf8(all).expect("ASCII");
+        assert!(all.contains("\r\ntransfer-encoding: chunked\r\n"), "{all}");
+        assert!(
+            all.ends_with("\r\n\r\n4\r\none \r\n3\r\ntwo\r\n0\r\n\r\n"),
+            "{all:?}"
+        );
+    }
 
     /// A response the socket takes only part of at once is finished by
     /// `send`, from where `send_now` stopped.

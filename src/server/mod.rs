@@ -373,9 +373,10 @@ impl Server {
     /// A task keeps room for the largest state its future ever has for as
     /// long as it lives, so this future holds only what an idle HTTP/1.1
     /// connection needs. The stages that need more are boxed while they
-    /// last: reading the first bytes, hyper's connection, and the writing
-    /// of each response in `h1`. An async fn would also keep its arguments
-    /// beside their moved copies, hence the `async move` block.
+    /// last: reading the first bytes, hyper's connection, and in `h1` a
+    /// response that cannot be written at once. An async fn would also
+    /// keep its arguments beside their moved copies, hence the `async
+    /// move` block.
     #[expect(
         clippy::manual_async_fn,
         reason = "an async fn would keep its arguments twice for the connection's life"
