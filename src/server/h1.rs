@@ -120,8 +120,10 @@ where
         let mut timer = pin!(sleep_until(link.idle_due));
         let mut shutdown = Shutdown {
             waiting: pin!(conn.server.stop.cancelled()),
+            stop: &conn.server.stop,
             kill: &conn.server.kill,
             killing: false,
+            registered: None,
         };
         loop {
             let head = loop {
@@ -254,11 +256,18 @@ struct Link<I> {
 /// A connection's wait for the server's shutdown signals, with one
 /// registration for both: with `stop` until it comes, then with `kill`,
 /// which never comes before it.
+///
+/// Polling a registered wait takes the lock that every connection's wait
+/// shares, so once the task's waker is registered, a poll only reads the
+/// token's flag; the registration is polled again when the waker changes.
 struct Shutdown<'p, 't> {
     waiting: Pin<&'p mut WaitForCancellationFuture<'t>>,
+    stop: &'t CancellationToken,
     kill: &'t CancellationToken,
     /// Whether `waiting` is `kill`'s.
     killing: bool,
+    /// The waker `waiting` holds, once it is registered.
+    registered: Option<Waker>,
 }
 
 impl Shutdown<'_, '_> {
@@ -273,11 +282,33 @@ impl Shutdown<'_, '_> {
     /// close whatever it is doing.
     fn poll_kill(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         if !self.killing {
-            ready!(self.waiting.as_mut().poll(cx));
+            ready!(self.poll_waiting(self.stop, cx));
             self.waiting.set(self.kill.cancelled());
             self.killing = true;
+            self.registered = None;
         }
-        self.waiting.as_mut().poll(cx)
+        self.poll_waiting(self.kill, cx)
+    }
+
+    /// Polls `waiting`, which waits for `token`.
+    fn poll_waiting(&mut self, token: &CancellationToken, cx: &mut Context<'_>) -> Poll<()> {
+        if self
+            .registered
+            .as_ref()
+            .is_some_and(|waker| waker.will_wake(cx.waker()))
+        {
+            // The token's flag is set before its waiters are woken.
+            return if token.is_cancelled() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            };
+        }
+        let poll = self.waiting.as_mut().poll(cx);
+        if poll.is_pending() {
+            self.registered = Some(cx.waker().clone());
+        }
+        poll
     }
 }
 
@@ -1041,8 +1072,10 @@ mod tests {
         let kill = CancellationToken::new();
         let mut shutdown = Shutdown {
             waiting: pin!(stop.cancelled()),
+            stop: &stop,
             kill: &kill,
             killing: false,
+            registered: None,
         };
         let mut timer = pin!(sleep_until(Instant::now() + Duration::from_secs(5)));
         let mut pending = BytesMut::new();
