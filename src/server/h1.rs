@@ -257,9 +257,10 @@ struct Link<I> {
 /// registration for both: with `stop` until it comes, then with `kill`,
 /// which never comes before it.
 ///
-/// Polling a registered wait takes the lock that every connection's wait
-/// shares, so once the task's waker is registered, a poll only reads the
-/// token's flag; the registration is polled again when the waker changes.
+/// Polling a registered wait takes two locks that every connection shares
+/// (the token's and its `Notify`'s), so once the task's waker is
+/// registered, a poll only reads the token's flag (the first lock alone);
+/// the registration is polled again when the waker changes.
 struct Shutdown<'p, 't> {
     waiting: Pin<&'p mut WaitForCancellationFuture<'t>>,
     stop: &'t CancellationToken,
