@@ -572,6 +572,18 @@ impl Sending {
         }
     }
 
+    /// What is left for [`send`] when the body is not all there or not
+    /// plain: `body`, and `first`, the frame taken from it and not dealt
+    /// with.
+    fn hand_over(mut self, body: Body, first: Option<BodyFrame>) -> Unsent {
+        self.body = Some(body);
+        Unsent {
+            sending: self,
+            first,
+            written: 0,
+        }
+    }
+
     fn sent(&self) -> Sent {
         if self.close {
             Sent::Close
@@ -614,12 +626,7 @@ fn send_now<I: AsyncWrite + Unpin>(
     if let Some(mut body) = sending.body.take() {
         loop {
             let Some(frame) = poll_ready_frame(&mut body, &mut cx) else {
-                sending.body = Some(body);
-                return Err(Unsent {
-                    sending,
-                    first: None,
-                    written: 0,
-                });
+                return Err(sending.hand_over(body, None));
             };
             let data = match frame {
                 Some(Ok(frame)) => match frame.into_data() {
@@ -630,34 +637,18 @@ fn send_now<I: AsyncWrite + Unpin>(
                     Err(_) => continue,
                 },
                 None if matches!(sending.framing, Framing::Length(_)) && sending.remaining > 0 => {
-                    sending.body = Some(body);
-                    return Err(Unsent {
-                        sending,
-                        first: Some(None),
-                        written: 0,
-                    });
+                    return Err(sending.hand_over(body, Some(None)));
                 }
                 None => break,
-                Some(Err(e)) => {
-                    sending.body = Some(body);
-                    return Err(Unsent {
-                        sending,
-                        first: Some(Some(Err(e))),
-                        written: 0,
-                    });
-                }
+                Some(Err(e)) => return Err(sending.hand_over(body, Some(Some(Err(e))))),
             };
             let len = data.len() as u64;
             let chunked = matches!(sending.framing, Framing::Chunked);
             let line = if chunked { CHUNK_LINE_ROOM } else { 0 };
             let fits = sending.out.len() + line + data.len() <= GATHER;
             if !fits || len > sending.remaining {
-                sending.body = Some(body);
-                return Err(Unsent {
-                    sending,
-                    first: Some(Some(Ok(http_body::Frame::data(data)))),
-                    written: 0,
-                });
+                let frame = http_body::Frame::data(data);
+                return Err(sending.hand_over(body, Some(Some(Ok(frame)))));
             }
             if chunked {
                 // Writing into a Vec cannot fail.
