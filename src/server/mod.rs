@@ -93,6 +93,7 @@ use crate::body_timeout::TimedBody;
 use crate::config::StaticConfig;
 use crate::conn_info::ConnInfo;
 use crate::metrics::{Metrics, TlsHandshake};
+use crate::proxy;
 use crate::router::Pipeline;
 use crate::tls::{Tls, handshake};
 use activity::{Activity, TrackedBody, TrackedIo};
@@ -518,22 +519,23 @@ async fn hyper_connection<I>(
     let service = service_fn(move |req: Request<Incoming>| {
         let req = req.map(|body| Body::new(TimedBody::new(body, body_read_timeout)));
         let in_flight = requests.start_request();
-        let response = match &app {
-            // The pipeline's answer comes boxed (`proxy::Answer`).
-            App::Proxy(pipeline) => Either::Left(pipeline.serve(info, req)),
+        // Both answers come boxed (`proxy::Answer`), so what hyper keeps per
+        // request, and moves into each HTTP/2 stream's task, is a pointer
+        // and the guard rather than room for the routers' larger future.
+        let response: proxy::Answer = match &app {
+            App::Proxy(pipeline) => pipeline.serve(info, req),
             App::Router(router) => {
                 let mut req = req;
                 req.extensions_mut().insert(info.clone());
-                Either::Right(router.clone().oneshot(req).map(|response| match response {
+                Box::pin(router.clone().oneshot(req).map(|response| match response {
                     Ok(response) => response,
                     Err(never) => match never {},
                 }))
             }
         };
-        async move {
-            let response = response.await;
+        response.map(move |response| {
             Ok::<_, Infallible>(response.map(|inner| TrackedBody::new(inner, in_flight)))
-        }
+        })
     });
     // Each version's connection in its own box, so that an HTTP/1 one
     // (the common case) is not the size of the larger HTTP/2 one.
