@@ -1,6 +1,7 @@
 //! How upstream answers to GET and HEAD requests are read: every way an
 //! upstream may delimit a response, which connections are used again,
-//! a pooled connection the upstream closed, and answers that are broken.
+//! a pooled connection the upstream closed or spoke on unasked, and
+//! answers that are broken.
 //! The upstream here is a raw socket that writes exactly the bytes a test
 //! scripts.
 
@@ -17,6 +18,7 @@ use common::{NO_RATE_LIMIT, ProxyProcess, Reply, config};
 use http::Method;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 
 /// How long one step of a test may take.
 const BOUND: Duration = Duration::from_secs(5);
@@ -224,6 +226,54 @@ async fn a_pooled_connection_closed_by_the_upstream_is_replaced_unseen() {
             "GET /two HTTP/1.1"
         ]
     );
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_upstream_spoke_on_unasked_is_not_used_again() {
+    // Some servers answer `408` on an idle keep-alive connection before
+    // they close it. Those bytes arrive after the response was read to its
+    // end; the next request must not take them for its answer.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let (speak, spoken) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let upstream = {
+        let (speak, spoken) = (Arc::clone(&speak), Arc::clone(&spoken));
+        tokio::spawn(async move {
+            let (mut idle, _) = listener.accept().await.expect("accept");
+            read_request(&mut idle).await.expect("first request");
+            idle.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
+                .await
+                .expect("first answer");
+            speak.notified().await;
+            idle.write_all(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
+                .await
+                .expect("unasked answer");
+            spoken.notify_one();
+            let (mut fresh, _) = listener.accept().await.expect("second accept");
+            read_request(&mut fresh).await.expect("second request");
+            fresh
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
+                .await
+                .expect("second answer");
+            // Neither connection closes before the second answer is out.
+            (idle, fresh)
+        })
+    };
+    let proxy = ProxyProcess::start(&config(&[("a.test", &url)], "", NO_RATE_LIMIT));
+    assert_eq!(get(&proxy, "/one").await.text(), "first");
+    speak.notify_one();
+    tokio::time::timeout(BOUND, spoken.notified())
+        .await
+        .expect("the upstream spoke");
+    let second = get(&proxy, "/two").await;
+    assert_eq!(
+        (second.status.as_u16(), second.text().as_str()),
+        (200, "second")
+    );
+    tokio::time::timeout(BOUND, upstream)
+        .await
+        .expect("upstream done")
+        .expect("upstream task");
 }
 
 #[tokio::test]

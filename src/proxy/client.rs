@@ -25,6 +25,7 @@
 //! server drops them.
 
 use std::cmp::min;
+use std::future::poll_fn;
 use std::io;
 use std::mem::{MaybeUninit, take};
 use std::pin::Pin;
@@ -32,14 +33,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use axum::body::Body;
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, TRANSFER_ENCODING};
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::ext::ReasonPhrase;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
-use tokio_util::io::poll_read_buf;
 
 use super::headers::{Forwarding, lists_token};
 use super::pool::UpstreamPool;
@@ -151,7 +151,7 @@ pub async fn exchange(
     let first = loop {
         stream.readable().await.map_err(Error::Unanswered)?;
         let mut buffer = spare::read_buffer(FIRST_READ);
-        match stream.try_read_buf(&mut *buffer) {
+        match read_arrived(&stream, &mut *buffer) {
             Ok(0) => return Err(Error::Closed),
             Ok(_) => break buffer,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -179,12 +179,52 @@ pub async fn exchange(
         // bytes (a `1xx` passed over was dropped), so it is a move.
         let mut buf = BytesMut::from(bytes);
         buf.reserve(FIRST_READ);
-        match stream.read_buf(&mut buf).await {
+        match poll_fn(|cx| poll_read_arrived(&stream, cx, &mut buf)).await {
             Ok(0) => return Err(Error::Truncated),
             Ok(_) => {}
             Err(e) => return Err(Error::Read(e)),
         }
         bytes = buf.split().freeze();
+    }
+}
+
+/// Reads what has arrived on `stream` into `buf`, as `try_read_buf` does.
+///
+/// A read that leaves room in `buf` took everything there was, so it also
+/// marks the stream as not readable, as a read that found nothing would.
+/// Otherwise the stream stays marked readable after the response's last
+/// read, and the pool's check that an idle connection is still open
+/// ([`super::pool`]) would cost a system call on every reuse. The mark is
+/// cleared only if nothing arrived since the read began, and an end of
+/// stream seen by the runtime is never cleared.
+fn read_arrived<B: BufMut>(stream: &TcpStream, buf: &mut B) -> io::Result<usize> {
+    // What `try_read_buf` reads into.
+    let room = buf.chunk_mut().len();
+    let mut read = None;
+    let result = stream.try_io(Interest::READABLE, || {
+        let n = stream.try_read_buf(buf)?;
+        read = Some(n);
+        if n > 0 && n < room {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(n)
+        }
+    });
+    read.map_or(result, Ok)
+}
+
+/// [`read_arrived`], waiting for something to arrive.
+fn poll_read_arrived(
+    stream: &TcpStream,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<io::Result<usize>> {
+    loop {
+        ready!(stream.poll_read_ready(cx))?;
+        match read_arrived(stream, buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            read => return Poll::Ready(read),
+        }
     }
 }
 
@@ -500,8 +540,7 @@ impl Reading {
     /// Reads into `pending`, which is empty; `0` at the end of the stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, Error>> {
         self.buf.reserve(self.read);
-        let n = ready!(poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.buf))
-            .map_err(Error::Read)?;
+        let n = ready!(poll_read_arrived(&self.stream, cx, &mut self.buf)).map_err(Error::Read)?;
         // A read that fills its room says the body is arriving faster than
         // it is read: the next may take more. One that takes less than
         // half lets the room shrink back.

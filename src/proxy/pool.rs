@@ -381,7 +381,8 @@ fn park<C>(stack: &mut VecDeque<Parked<C>>, conn: C) {
 
 /// Whether an idle plain connection is still open: nothing has arrived on
 /// it, not even the upstream's close. This costs no system call unless
-/// the connection has become readable since its last read.
+/// something arrived since its last read, which left the connection
+/// marked as drained (`client::read_arrived`).
 fn open(stream: &TcpStream) -> bool {
     matches!(stream.try_read(&mut [0; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
