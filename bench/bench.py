@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 SERVER_CPU = "0"
 CLIENT_CPU = "1"
@@ -474,6 +474,11 @@ def parse_h2load(out):
     return r
 
 
+# The peers that are reverse-proxy builds: their TLS listener is a
+# separate instance, with its own worker process.
+RP_BUILDS = ("reverse-proxy", "rp-baseline")
+
+
 @dataclass
 class Case:
     key: str
@@ -573,16 +578,13 @@ def build_cases(args):
         Case("f_rl", "(f) reverse-proxy: rate limiter on, limit never reached", "wrk",
              conns=64, peers=("rp-ratelimit",)),
     ]
-    if args.baseline_bin:
-        ab = ("reverse-proxy", "rp-baseline", "nginx")
-        return [
-            Case("a64", "(a) HTTP/1.1 keep-alive 1 KiB, 64 conns", "wrk", conns=64, peers=ab),
-            Case("a256", "(a) HTTP/1.1 keep-alive 1 KiB, 256 conns", "wrk", conns=256,
-                 peers=ab),
-            Case("c", "(c) 10 MiB streaming, plain, 8 conns", "wrk", conns=8, path="/10m",
-                 metrics=("gbps", "cpu", "gb_per_cpu"), peers=ab),
-        ]
     only = set(args.only.split(",")) if args.only else None
+    if args.baseline_bin:
+        # An A/B of two builds: the load cases (plain ones unless asked),
+        # each with the two builds and nginx.
+        only = only or {"a64", "a256", "c"}
+        ab = ("reverse-proxy", "rp-baseline", "nginx")
+        return [replace(c, peers=ab) for c in cases if c.key in only]
     return [c for c in cases + variants if only is None or c.key in only]
 
 
@@ -604,8 +606,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rp-bin", default="target/release/reverse-proxy")
     parser.add_argument("--baseline-bin",
-                        help="another reverse-proxy build to compare with: runs only the "
-                             "plain HTTP cases, with this build as an extra column")
+                        help="another reverse-proxy build to compare with: runs the plain "
+                             "HTTP cases (or the load cases --only names), with this build "
+                             "as an extra column")
     parser.add_argument("--rp-log-level", default="warn",
                         help="log_level of the main reverse-proxy instances; at the default "
                              "(warn) access lines go to the access log file only")
@@ -652,6 +655,12 @@ def main():
             base = setup.start_rp("rp-baseline", binary=args.baseline_bin,
                                   level=args.rp_log_level)
             base.name = "rp-baseline"
+            if setup.tls_available:
+                base_tls = setup.start_rp("rp-baseline-tls", tls=True,
+                                          binary=args.baseline_bin)
+                base.tls = base_tls.tls
+                base.procs += base_tls.procs
+                base.tls_workers = base_tls.workers
             peers["rp-baseline"] = base
         peers["rp-nolog"] = setup.start_rp("rp-nolog", access_log=False)
         peers["rp-stdout"] = setup.start_rp("rp-stdout", level="info")
@@ -666,13 +675,13 @@ def main():
         def runnable(case, name):
             if name not in peers:
                 return False
-            if case.tls and name == "reverse-proxy" and not setup.tls_available:
+            if case.tls and name in RP_BUILDS and not setup.tls_available:
                 return False
             return True
 
         def workers_for(case, name):
             peer = peers[name]
-            if case.tls and name == "reverse-proxy":
+            if case.tls and name in RP_BUILDS:
                 return Peer(peer.name, tls=peer.tls, workers=peer.tls_workers)
             return peer
 

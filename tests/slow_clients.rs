@@ -418,11 +418,19 @@ async fn client_that_stops_reading_does_not_pin_memory() {
     health(proxy.addr, Duration::from_secs(1)).await;
     let baseline = hostile::rss_now(&proxy);
 
+    // Four over HTTP/1.1, four over HTTP/2 granting all the flow control
+    // window there is: for both, the socket is what must hold the proxy back.
     let mut readers = Vec::new();
     for _ in 0..4 {
         let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
         stream
             .write_all(b"GET /endless HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            .await
+            .expect("write");
+        readers.push(stream);
+        let mut stream = h2frames::connect_open_window(proxy.addr).await;
+        stream
+            .write_all(&h2frames::get(1, "a.test", "/endless"))
             .await
             .expect("write");
         readers.push(stream);
@@ -445,18 +453,18 @@ async fn client_that_stops_reading_does_not_pin_memory() {
         }
     }
     eprintln!(
-        "4 clients not reading an endless body: upstream stalled after {} KiB",
+        "8 clients not reading an endless body: upstream stalled after {} KiB",
         last >> 10
     );
     // What is in flight is what the kernel's socket buffers hold (a few
     // MiB per hop on loopback), not the body.
-    assert!(last < 4 * (32 << 20), "produced {} MiB", last >> 20);
+    assert!(last < 8 * (32 << 20), "produced {} MiB", last >> 20);
     let latency = health(proxy.addr, Duration::from_secs(1)).await;
     assert!(
         latency < Duration::from_millis(100),
         "/health took {latency:?}"
     );
-    hostile::assert_rss_near(&proxy, baseline, "4 clients that stopped reading");
+    hostile::assert_rss_near(&proxy, baseline, "8 clients that stopped reading");
     drop(readers);
 }
 
@@ -495,33 +503,32 @@ async fn client_that_stops_reading_is_disconnected_after_idle_timeout() {
         "",
     ));
     // HTTP/1.1: the socket fills up. HTTP/2: the client grants no flow
-    // control window beyond the initial one.
-    for h2 in [false, true] {
+    // control window beyond the initial one, or all there is, so that the
+    // socket fills up there too.
+    for client in ["HTTP/1.1", "HTTP/2", "HTTP/2, open window"] {
         dropped.store(false, Ordering::SeqCst);
-        let stream = if h2 {
-            let mut s = h2frames::connect(proxy.addr).await;
-            s.write_all(&h2frames::get(1, "a.test", "/endless"))
-                .await
-                .expect("write");
-            s
-        } else {
-            let mut s = TcpStream::connect(proxy.addr).await.expect("connect");
-            s.write_all(b"GET /endless HTTP/1.1\r\nHost: a.test\r\n\r\n")
-                .await
-                .expect("write");
-            s
+        let mut stream = match client {
+            "HTTP/1.1" => TcpStream::connect(proxy.addr).await.expect("connect"),
+            "HTTP/2" => h2frames::connect(proxy.addr).await,
+            _ => h2frames::connect_open_window(proxy.addr).await,
         };
+        let request = if client == "HTTP/1.1" {
+            b"GET /endless HTTP/1.1\r\nHost: a.test\r\n\r\n".to_vec()
+        } else {
+            h2frames::get(1, "a.test", "/endless")
+        };
+        stream.write_all(&request).await.expect("write");
         let started = Instant::now();
         while !dropped.load(Ordering::SeqCst) {
             assert!(
                 started.elapsed() < Duration::from_secs(15),
-                "h2={h2}: a client that reads nothing is still being served"
+                "{client}: a client that reads nothing is still being served"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let after = started.elapsed();
-        eprintln!("h2={h2}: client that stopped reading cut off after {after:?}");
-        assert!(after >= Duration::from_secs(2), "h2={h2}: after {after:?}");
+        eprintln!("{client}: client that stopped reading cut off after {after:?}");
+        assert!(after >= Duration::from_secs(2), "{client}: after {after:?}");
         drop(stream);
         health(proxy.addr, Duration::from_secs(1)).await;
     }

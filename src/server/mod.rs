@@ -7,7 +7,8 @@
 //! public listener's HTTP/1.1 requests without a body are served by `h1`;
 //! at the first request that is anything else, the connection goes to
 //! hyper's HTTP/1.1 server, behind a check that refuses ambiguous framing
-//! (`framing`). HTTP/2 is hyper's throughout. Shutdown
+//! (`framing`). HTTP/2 is hyper's throughout, with what it writes in one
+//! poll gathered into one write (`coalesce`). Shutdown
 //! happens in three steps: stop accepting, ask every connection to finish
 //! (`Connection: close` / GOAWAY), and close what is left at the deadline.
 
@@ -54,6 +55,7 @@ macro_rules! write_through {
 }
 
 mod activity;
+mod coalesce;
 mod date;
 mod framing;
 mod h1;
@@ -97,6 +99,7 @@ use crate::proxy;
 use crate::router::Pipeline;
 use crate::tls::{Tls, handshake};
 use activity::{Activity, TrackedBody, TrackedIo};
+use coalesce::{Gathered, Gathering};
 use framing::FramingGuard;
 use version::{Prefixed, Version};
 
@@ -505,14 +508,14 @@ async fn hyper_connection<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let peer = info.peer;
-    let io = TokioIo::new(FramingGuard::new(
+    let io = FramingGuard::new(
         io,
         inner.max_header_bytes,
         peer.ip(),
         inner.header_read_timeout,
         head_due,
         Arc::clone(&activity),
-    ));
+    );
     let app = inner.app.clone();
     let requests = Arc::clone(&activity);
     let body_read_timeout = inner.body_read_timeout;
@@ -541,9 +544,16 @@ async fn hyper_connection<I>(
     // (the common case) is not the size of the larger HTTP/2 one.
     let mut conn: HttpConnection<_, _, _> = match version {
         Version::Http1 => Either::Left(Box::pin(
-            inner.http1.serve_connection(io, service).with_upgrades(),
+            inner
+                .http1
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades(),
         )),
-        Version::Http2 => Either::Right(Box::pin(inner.http2.serve_connection(io, service))),
+        Version::Http2 => {
+            let (io, outlet) = coalesce::gather(io);
+            let conn = inner.http2.serve_connection(TokioIo::new(io), service);
+            Either::Right(Gathered::new(Box::pin(conn), outlet))
+        }
     };
     // Set once the connection was asked to close because it was idle:
     // past this instant, if it is still idle, it is dropped.
@@ -602,15 +612,18 @@ async fn hyper_connection<I>(
     }
 }
 
-/// hyper's connection for whichever version the client speaks.
-type HttpConnection<I, S, E> =
-    Either<Pin<Box<http1::UpgradeableConnection<I, S>>>, Pin<Box<http2::Connection<I, S, E>>>>;
+/// hyper's connection for whichever version the client speaks; HTTP/2's
+/// writes are gathered (`coalesce`).
+type HttpConnection<I, S, E> = Either<
+    Pin<Box<http1::UpgradeableConnection<TokioIo<I>, S>>>,
+    Gathered<Pin<Box<http2::Connection<TokioIo<Gathering<I>>, S, E>>>, I>,
+>;
 
 /// Asks an HTTP/1 connection to close after its current response, or an
 /// HTTP/2 one to send GOAWAY and finish its open streams.
 fn graceful_shutdown<I, S, E, B>(conn: &mut HttpConnection<I, S, E>)
 where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: HttpService<Incoming, ResBody = B>,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     B: http_body::Body + 'static,
@@ -619,7 +632,7 @@ where
 {
     match conn {
         Either::Left(http1) => http1.as_mut().graceful_shutdown(),
-        Either::Right(http2) => http2.as_mut().graceful_shutdown(),
+        Either::Right(http2) => http2.conn().as_mut().graceful_shutdown(),
     }
 }
 

@@ -16,6 +16,7 @@ pub const RST_STREAM: u8 = 0x3;
 pub const SETTINGS: u8 = 0x4;
 pub const PING: u8 = 0x6;
 pub const GOAWAY: u8 = 0x7;
+pub const WINDOW_UPDATE: u8 = 0x8;
 pub const CONTINUATION: u8 = 0x9;
 
 pub const END_STREAM: u8 = 0x1;
@@ -23,6 +24,7 @@ pub const ACK: u8 = 0x1;
 pub const END_HEADERS: u8 = 0x4;
 
 pub const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
+pub const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 0x4;
 pub const SETTINGS_MAX_HEADER_LIST_SIZE: u16 = 0x6;
 
 pub const CANCEL: u32 = 0x8;
@@ -78,6 +80,26 @@ pub fn settings(params: &[(u16, u32)]) -> Vec<u8> {
         payload.extend_from_slice(&value.to_be_bytes());
     }
     frame(SETTINGS, 0, 0, &payload)
+}
+
+pub fn window_update(stream: u32, increment: u32) -> Vec<u8> {
+    frame(WINDOW_UPDATE, 0, stream, &increment.to_be_bytes())
+}
+
+/// The largest flow-control window HTTP/2 allows.
+pub const MAX_WINDOW: u32 = (1 << 31) - 1;
+
+/// A client connection whose every stream, and the connection itself, may
+/// be sent as much as the protocol allows without a further WINDOW_UPDATE:
+/// what stops the server is the socket, not flow control.
+pub async fn connect_open_window(addr: std::net::SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let mut hello = PREFACE.to_vec();
+    hello.extend(settings(&[(SETTINGS_INITIAL_WINDOW_SIZE, MAX_WINDOW)]));
+    // The connection's window starts at 65,535 whatever SETTINGS say.
+    hello.extend(window_update(0, MAX_WINDOW - 65_535));
+    stream.write_all(&hello).await.expect("preface");
+    stream
 }
 
 pub fn rst_stream(stream: u32, code: u32) -> Vec<u8> {
