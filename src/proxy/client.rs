@@ -191,7 +191,8 @@ pub async fn exchange(
 /// Reads what has arrived on `stream` into `buf`, as `try_read_buf` does.
 ///
 /// A read that leaves room in `buf` took everything there was, so it also
-/// marks the stream as not readable, as a read that found nothing would.
+/// marks the stream as not readable, as a read that found nothing would:
+/// the rule tokio's own `AsyncRead` for a socket follows.
 /// Otherwise the stream stays marked readable after the response's last
 /// read, and the pool's check that an idle connection is still open
 /// ([`super::pool`]) would cost a system call on every reuse. The mark is

@@ -11,8 +11,8 @@
 //! past it a write first waits for the socket, so a client that stops
 //! reading holds the connection back as it did before.
 //!
-//! The buffer is allocated at the first write and kept for the
-//! connection's life, as h2 keeps its own: [`LIMIT`] bytes per HTTP/2
+//! The buffer is allocated at the first write it keeps (h2's SETTINGS,
+//! so at once) and kept for the connection's life, as h2 keeps its own: [`LIMIT`] bytes per HTTP/2
 //! connection that has written something.
 //!
 //! Both halves share the socket behind a mutex. The connection and the
@@ -53,6 +53,8 @@ pub struct Outlet<T>(Arc<Mutex<Shared<T>>>);
 pub struct Gathered<C, T> {
     conn: C,
     outlet: Outlet<T>,
+    /// How hyper's connection ended, kept while its last bytes go out.
+    ended: Option<hyper::Result<()>>,
 }
 
 struct Shared<T> {
@@ -187,7 +189,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Gathering<T> {
 
 impl<C, T> Gathered<C, T> {
     pub fn new(conn: C, outlet: Outlet<T>) -> Self {
-        Self { conn, outlet }
+        Self {
+            conn,
+            outlet,
+            ended: None,
+        }
     }
 
     pub fn conn(&mut self) -> &mut C {
@@ -195,21 +201,45 @@ impl<C, T> Gathered<C, T> {
     }
 }
 
-impl<C: Future + Unpin, T: AsyncWrite + Unpin> Future for Gathered<C, T> {
-    type Output = C::Output;
+impl<C, T> Future for Gathered<C, T>
+where
+    C: Future<Output = hyper::Result<()>> + Unpin,
+    T: AsyncWrite + Unpin,
+{
+    type Output = hyper::Result<()>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
-        let result = self.conn.poll_unpin(cx);
-        let mut shared = lock(&self.outlet.0);
-        if shared.failed.is_none()
-            && let Poll::Ready(Err(e)) = shared.poll_write_out(cx)
-        {
-            shared.failed = Some(e);
-            if result.is_pending() {
-                // Poll the connection again so that it learns of the failure.
-                cx.waker().wake_by_ref();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<hyper::Result<()>> {
+        let this = &mut *self;
+        if this.ended.is_none() {
+            match this.conn.poll_unpin(cx) {
+                Poll::Ready(output) => this.ended = Some(output),
+                Poll::Pending => {
+                    let mut shared = lock(&this.outlet.0);
+                    if shared.failed.is_none()
+                        && let Poll::Ready(Err(e)) = shared.poll_write_out(cx)
+                    {
+                        shared.failed = Some(e);
+                        // Poll the connection again, so that it learns of
+                        // the failure from its next read or write.
+                        cx.waker().wake_by_ref();
+                    }
+                    return Poll::Pending;
+                }
             }
         }
-        result
+        // hyper's connection may end without shutting the socket down (h2
+        // does when the client's side closed first): what it wrote last
+        // still goes out, or fails to, before the connection counts as
+        // ended. The server's stall and idle timers bound the wait.
+        let mut shared = lock(&this.outlet.0);
+        if shared.failed.is_none() {
+            // A failure here changes nothing: the connection is over.
+            let _ = ready!(shared.poll_write_out(cx));
+        }
+        drop(shared);
+        match this.ended.take() {
+            Some(output) => Poll::Ready(output),
+            None => Poll::Pending,
+        }
     }
 }
