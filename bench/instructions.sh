@@ -12,13 +12,19 @@
 # cost of one request with start-up and shutdown cancelled out.
 # ACCESS_LOG=off measures without the access log file; RATE_LIMIT=on with
 # the rate limiter on (a limit the run never reaches); CONNS=N drives it
-# with N connections instead of 16.
-# Needs valgrind and h2load (Debian: valgrind, nghttp2-client) and
-# `cargo build --release --example bench_upstream`.
+# with N connections instead of 16; PROTOCOL=h2 with HTTP/2 over TLS (10
+# streams per connection, an ECDSA P-256 certificate made for the run;
+# 5 000 and 25 000 requests).
+# Needs valgrind, h2load and openssl (Debian: valgrind, nghttp2-client,
+# openssl) and `cargo build --release --example bench_upstream`.
 set -euo pipefail
 
-N1=${N1:-2000}
-N2=${N2:-10000}
+PROTOCOL=${PROTOCOL:-h1}
+case $PROTOCOL in
+h1) N1=${N1:-2000} N2=${N2:-10000} ;;
+h2) N1=${N1:-5000} N2=${N2:-25000} ;;
+*) echo "PROTOCOL is h1 or h2" >&2; exit 2 ;;
+esac
 ACCESS_LOG=${ACCESS_LOG:-on}
 RATE_LIMIT=${RATE_LIMIT:-off}
 UPSTREAM_BIN=${UPSTREAM_BIN:-target/release/examples/bench_upstream}
@@ -45,6 +51,12 @@ wait_port() {
     exit 1
 }
 
+if [ "$PROTOCOL" = h2 ]; then
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+        -keyout "$tmp/key.pem" -out "$tmp/cert.pem" -subj /CN=bench.test \
+        -addext subjectAltName=DNS:bench.test 2>/dev/null
+fi
+
 upstream_port=$(free_port)
 "$UPSTREAM_BIN" "127.0.0.1:$upstream_port" >/dev/null &
 pids+=($!)
@@ -61,7 +73,12 @@ log_level = "warn"
 worker_threads = 1
 $([ "$ACCESS_LOG" = off ] || echo "access_log = \"$tmp/access.log\"")
 [server.tls]
-mode = "off"
+$(if [ "$PROTOCOL" = h2 ]; then
+    printf 'mode = "manual"\n[[server.tls.certs]]\nhosts = ["bench.test"]\n'
+    printf 'cert = "%s"\nkey = "%s"\n' "$tmp/cert.pem" "$tmp/key.pem"
+else
+    echo 'mode = "off"'
+fi)
 [rate_limit]
 $(if [ "$RATE_LIMIT" = on ]; then
     printf 'requests_per_second = 1000000\nburst = 1000000\n'
@@ -76,8 +93,13 @@ EOF
         "$binary" --config "$tmp/config.toml" >/dev/null 2>"$tmp/valgrind.txt" &
     local pid=$!
     wait_port "$port"
-    h2load --h1 -n "$requests" -c "${CONNS:-16}" -H ':authority: bench.test' "http://127.0.0.1:$port/" \
-        >"$tmp/h2load.txt"
+    if [ "$PROTOCOL" = h2 ]; then
+        h2load -n "$requests" -c "${CONNS:-16}" -m 10 --connect-to="127.0.0.1:$port" \
+            https://bench.test/ >"$tmp/h2load.txt"
+    else
+        h2load --h1 -n "$requests" -c "${CONNS:-16}" -H ':authority: bench.test' \
+            "http://127.0.0.1:$port/" >"$tmp/h2load.txt"
+    fi
     grep -q "$requests succeeded" "$tmp/h2load.txt" \
         || { cat "$tmp/h2load.txt" >&2; exit 1; }
     kill -TERM "$pid"
