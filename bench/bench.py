@@ -655,9 +655,9 @@ def main():
             base = setup.start_rp("rp-baseline", binary=args.baseline_bin,
                                   level=args.rp_log_level)
             base.name = "rp-baseline"
-            if setup.tls_available:
-                base_tls = setup.start_rp("rp-baseline-tls", tls=True,
-                                          binary=args.baseline_bin)
+            base_tls = setup.start_rp("rp-baseline-tls", tls=True,
+                                      binary=args.baseline_bin)
+            if base_tls:
                 base.tls = base_tls.tls
                 base.procs += base_tls.procs
                 base.tls_workers = base_tls.workers
@@ -675,7 +675,7 @@ def main():
         def runnable(case, name):
             if name not in peers:
                 return False
-            if case.tls and name in RP_BUILDS and not setup.tls_available:
+            if case.tls and peers[name].tls is None:
                 return False
             return True
 

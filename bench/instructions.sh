@@ -54,7 +54,8 @@ wait_port() {
 if [ "$PROTOCOL" = h2 ]; then
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
         -keyout "$tmp/key.pem" -out "$tmp/cert.pem" -subj /CN=bench.test \
-        -addext subjectAltName=DNS:bench.test 2>/dev/null
+        -addext subjectAltName=DNS:bench.test 2>"$tmp/openssl.txt" \
+        || { cat "$tmp/openssl.txt" >&2; exit 1; }
 fi
 
 upstream_port=$(free_port)
