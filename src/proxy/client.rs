@@ -192,12 +192,12 @@ pub async fn exchange(
 ///
 /// A read that leaves room in `buf` took everything there was, so it also
 /// marks the stream as not readable, as a read that found nothing would:
-/// the rule tokio's own `AsyncRead` for a socket follows.
-/// Otherwise the stream stays marked readable after the response's last
-/// read, and the pool's check that an idle connection is still open
-/// ([`super::pool`]) would cost a system call on every reuse. The mark is
-/// cleared only if nothing arrived since the read began, and an end of
-/// stream seen by the runtime is never cleared.
+/// the rule tokio's own `AsyncRead` for a socket follows. Otherwise the
+/// stream stays marked readable after the response's last read, and the
+/// pool's check that an idle connection is still open ([`super::pool`])
+/// would cost a system call on every reuse. The mark is cleared only if
+/// nothing arrived since the read began, and an end of stream seen by the
+/// runtime is never cleared.
 fn read_arrived<B: BufMut>(stream: &TcpStream, buf: &mut B) -> io::Result<usize> {
     // What `try_read_buf` reads into.
     let room = buf.chunk_mut().len();

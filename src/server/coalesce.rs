@@ -12,8 +12,8 @@
 //! reading holds the connection back as it did before.
 //!
 //! The buffer is allocated at the first write it keeps (h2's SETTINGS,
-//! so at once) and kept for the connection's life, as h2 keeps its own: [`LIMIT`] bytes per HTTP/2
-//! connection that has written something.
+//! so at once) and kept for the connection's life, as h2 keeps its own:
+//! [`LIMIT`] bytes per HTTP/2 connection.
 //!
 //! Both halves share the socket behind a mutex. The connection and the
 //! server's loop are polled by the same task, so the lock is never
