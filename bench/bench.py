@@ -193,6 +193,8 @@ class Peer:
     # The processes that do the serving (nginx's worker, not its master).
     workers: list = field(default_factory=list)
     log_path: str | None = None
+    # reverse-proxy serves TLS from a second process with its own log.
+    tls_log_path: str | None = None
 
 
 class Setup:
@@ -649,6 +651,7 @@ def main():
             peers["reverse-proxy"].tls = rp_tls.tls
             peers["reverse-proxy"].procs += rp_tls.procs
             peers["reverse-proxy"].tls_workers = rp_tls.workers
+            peers["reverse-proxy"].tls_log_path = rp_tls.log_path
         peers["nginx"] = setup.start_nginx()
         peers["haproxy"] = setup.start_haproxy()
         if args.baseline_bin:
@@ -715,9 +718,11 @@ def main():
 
         log_lines = {}
         for name in ("reverse-proxy", "nginx", "haproxy"):
-            path = peers[name].log_path
-            with open(path, "rb") as f:
-                log_lines[name] = sum(1 for _ in f)
+            log_lines[name] = 0
+            for path in (peers[name].log_path, peers[name].tls_log_path):
+                if path:
+                    with open(path, "rb") as f:
+                        log_lines[name] += sum(1 for _ in f)
         notes["access log lines"] = log_lines
 
         if want_e:
