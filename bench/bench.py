@@ -617,7 +617,7 @@ def main():
     parser.add_argument("--upstream-bin", default="target/release/examples/bench_upstream")
     parser.add_argument("--quick", action="store_true",
                         help="a few seconds per case, one round: checks the script works")
-    parser.add_argument("--rounds", type=int, help="rounds per case (median); default 3")
+    parser.add_argument("--rounds", type=int, help="rounds per case (median); default 5")
     parser.add_argument("--duration", type=int, help="seconds per measurement; default 8")
     parser.add_argument("--idle-conns", type=int,
                         help="connections for (e); default 10000 (less if ulimit -n is low)")
@@ -626,7 +626,7 @@ def main():
     parser.add_argument("--markdown", help="also write the table to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args()
-    rounds = args.rounds or (1 if args.quick else 3)
+    rounds = args.rounds or (1 if args.quick else 5)
     duration = args.duration or (2 if args.quick else 8)
     idle_n = args.idle_conns or (500 if args.quick else default_idle_conns())
     want_e = not args.baseline_bin and (args.only is None or "e" in args.only.split(","))
@@ -836,6 +836,14 @@ def render(cases, results, idle, setup, rounds, duration, idle_n, notes):
     out = [f"rounds: {rounds} (median), {duration} s per measurement; "
            f"peers on CPU {SERVER_CPU}, upstream and load generator on CPU {CLIENT_CPU}", ""]
     out += markdown_table(head, rows)
+    paired = paired_rows(cases, variants, results, ratios)
+    if paired:
+        out += ["", "Paired: each round's ratio of two peers measured one after the other, "
+                "median over the rounds; `ahead` counts the rounds in which the first "
+                "peer was better.", ""]
+        out += markdown_table(
+            ["case", "metric"] + [f"{a} / {b}".replace("reverse-proxy", "rp") for a, b in ratios]
+            + [f"{a} ahead".replace("reverse-proxy", "rp") for a, b in ratios], paired)
     if variants:
         base = median([r["rps"] for r in results.get(("f_base", "reverse-proxy"), [])])
         vrows = []
@@ -858,6 +866,37 @@ def render(cases, results, idle, setup, rounds, duration, idle_n, notes):
         out.append("")
         out.append(f"{key}: " + ", ".join(f"{k} {v}" for k, v in value.items()))
     return "\n".join(out)
+
+
+# Metrics compared round by round; for latency lower is better.
+PAIRED_METRICS = ("rps", "gbps", "p99", "per_cpu", "gb_per_cpu")
+
+
+def paired_rows(cases, variants, results, ratios):
+    """The ratios of each round, where the peers ran back to back, rather
+    than of medians over rounds minutes apart: on a machine whose speed
+    drifts, the pairs cancel the drift."""
+    rows = []
+    for case in cases:
+        if case in variants:
+            continue
+        for metric in case.metrics:
+            if metric not in PAIRED_METRICS:
+                continue
+            medians, ahead = [], []
+            for a, b in ratios:
+                pairs = [(ra.get(metric), rb.get(metric)) for ra, rb in
+                         zip(results.get((case.key, a), []), results.get((case.key, b), []))]
+                pairs = [(x, y) for x, y in pairs if x is not None and y]
+                if not pairs:
+                    medians.append("–")
+                    ahead.append("–")
+                    continue
+                medians.append(f"{median([x / y for x, y in pairs]):.2f}")
+                better = sum(1 for x, y in pairs if (x < y if metric == "p99" else x > y))
+                ahead.append(f"{better}/{len(pairs)}")
+            rows.append([case.label, METRIC_NAMES[metric]] + medians + ahead)
+    return rows
 
 
 def markdown_table(head, rows):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark of reverse-proxy, nginx and HAProxy on this machine.
 #
-#   bench/run.sh            full run: 3 rounds x 8 s per case, 10 000 idle conns
+#   bench/run.sh            full run: 5 rounds x 8 s per case, 10 000 idle conns
 #   bench/run.sh --quick    a few seconds per case: checks the script still works
 #
 # Any further arguments go to bench/bench.py (--only, --rounds, --duration,
