@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from dataclasses import dataclass, field, replace
 
 SERVER_CPU = "0"
@@ -625,7 +626,12 @@ def main():
     parser.add_argument("--json", help="also write the raw results to this file")
     parser.add_argument("--markdown", help="also write the table to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--render", metavar="JSON",
+                        help="measure nothing: print the table of a run saved with --json")
     args = parser.parse_args()
+    if args.render:
+        print(render_saved(args))
+        return
     rounds = args.rounds or (1 if args.quick else 5)
     duration = args.duration or (2 if args.quick else 8)
     idle_n = args.idle_conns or (500 if args.quick else default_idle_conns())
@@ -836,14 +842,17 @@ def render(cases, results, idle, setup, rounds, duration, idle_n, notes):
     out = [f"rounds: {rounds} (median), {duration} s per measurement; "
            f"peers on CPU {SERVER_CPU}, upstream and load generator on CPU {CLIENT_CPU}", ""]
     out += markdown_table(head, rows)
-    paired = paired_rows(cases, variants, results, ratios)
+    # Goal (b) is judged against HAProxy too.
+    pairs = ratios + [(a, b) for a, b in (("reverse-proxy", "haproxy"),)
+                      if a in columns and b in columns]
+    paired = paired_rows(cases, variants, results, pairs)
     if paired:
         out += ["", "Paired: each round's ratio of two peers measured one after the other, "
                 "median over the rounds; `ahead` counts the rounds in which the first "
                 "peer was better.", ""]
         out += markdown_table(
-            ["case", "metric"] + [f"{a} / {b}".replace("reverse-proxy", "rp") for a, b in ratios]
-            + [f"{a} ahead".replace("reverse-proxy", "rp") for a, b in ratios], paired)
+            ["case", "metric"] + [f"{a} / {b}".replace("reverse-proxy", "rp") for a, b in pairs]
+            + [f"{a} ahead of {b}".replace("reverse-proxy", "rp") for a, b in pairs], paired)
     if variants:
         base = median([r["rps"] for r in results.get(("f_base", "reverse-proxy"), [])])
         vrows = []
@@ -866,6 +875,25 @@ def render(cases, results, idle, setup, rounds, duration, idle_n, notes):
         out.append("")
         out.append(f"{key}: " + ", ".join(f"{k} {v}" for k, v in value.items()))
     return "\n".join(out)
+
+
+def render_saved(args):
+    """The table of a run saved with `--json`, as the current `render`
+    prints it."""
+    with open(args.render) as f:
+        saved = json.load(f)
+    results = {tuple(k.split("/", 1)): v for k, v in saved["results"].items()}
+    idle = {(k.split("/", 1)[0] == "tls", k.split("/", 1)[1]): v
+            for k, v in saved["idle"].items()}
+    args.only = ",".join({key for key, _ in results} | ({"e"} if idle else set()))
+    args.baseline_bin = any(name == "rp-baseline" for _, name in results)
+    setup = types.SimpleNamespace(
+        tls_available=any(key in ("b64", "b256", "h2", "ctls", "d") and name == "reverse-proxy"
+                          for key, name in results),
+        rl_available=("f_rl", "rp-ratelimit") in results,
+    )
+    return render(build_cases(args), results, idle, setup, saved["rounds"], saved["duration"],
+                  saved["idle_conns"], saved["notes"])
 
 
 # Metrics compared round by round; for latency lower is better.
