@@ -5,8 +5,9 @@ side by side on one machine, configured alike, measured interleaved.
 Every peer runs pinned to CPU 0 (one worker each); the upstream and the load
 generators run on CPU 1. Each case runs once per peer per round, the peer
 order rotating between rounds, and the table reports the median of the
-rounds with ratios to nginx. See docs/performance.md for what each row
-means and how the peers are configured.
+rounds with ratios to nginx, then each round's ratios (paired). See
+docs/performance.md for what each row means and how the peers are
+configured.
 """
 
 import argparse
@@ -627,7 +628,8 @@ def main():
     parser.add_argument("--markdown", help="also write the table to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--render", metavar="JSON",
-                        help="measure nothing: print the table of a run saved with --json")
+                        help="measure nothing: print the tables of a run saved with --json "
+                             "(other options are ignored)")
     args = parser.parse_args()
     if args.render:
         print(render_saved(args))
@@ -847,9 +849,9 @@ def render(cases, results, idle, setup, rounds, duration, idle_n, notes):
                       if a in columns and b in columns]
     paired = paired_rows(cases, variants, results, pairs)
     if paired:
-        out += ["", "Paired: each round's ratio of two peers measured one after the other, "
-                "median over the rounds; `ahead` counts the rounds in which the first "
-                "peer was better.", ""]
+        out += ["", "Paired: each round's ratio of two peers measured in that round (a few "
+                "measurements apart at most), median over the rounds; `ahead` counts the "
+                "rounds in which the first peer was better.", ""]
         out += markdown_table(
             ["case", "metric"] + [f"{a} / {b}".replace("reverse-proxy", "rp") for a, b in pairs]
             + [f"{a} ahead of {b}".replace("reverse-proxy", "rp") for a, b in pairs], paired)
@@ -885,11 +887,19 @@ def render_saved(args):
     results = {tuple(k.split("/", 1)): v for k, v in saved["results"].items()}
     idle = {(k.split("/", 1)[0] == "tls", k.split("/", 1)[1]): v
             for k, v in saved["idle"].items()}
-    args.only = ",".join({key for key, _ in results} | ({"e"} if idle else set()))
+    keys = {key for key, _ in results}
+    if idle:
+        keys.add("e")
+    if keys & {"f_base", "f_nolog", "f_stdout"}:
+        # Kept so that a build without the limiter shows its "n/a" row.
+        keys.add("f_rl")
+    args.only = ",".join(keys)
     args.baseline_bin = any(name == "rp-baseline" for _, name in results)
+    tls_keys = {c.key for c in build_cases(types.SimpleNamespace(only=None, baseline_bin=None))
+                if c.tls}
     setup = types.SimpleNamespace(
-        tls_available=any(key in ("b64", "b256", "h2", "ctls", "d") and name == "reverse-proxy"
-                          for key, name in results),
+        tls_available=any(key in tls_keys and name == "reverse-proxy" for key, name in results)
+        or (True, "reverse-proxy") in idle,
         rl_available=("f_rl", "rp-ratelimit") in results,
     )
     return render(build_cases(args), results, idle, setup, saved["rounds"], saved["duration"],
@@ -901,9 +911,9 @@ PAIRED_METRICS = ("rps", "gbps", "p99", "per_cpu", "gb_per_cpu")
 
 
 def paired_rows(cases, variants, results, ratios):
-    """The ratios of each round, where the peers ran back to back, rather
-    than of medians over rounds minutes apart: on a machine whose speed
-    drifts, the pairs cancel the drift."""
+    """The ratios of each round, whose peers ran a few measurements apart
+    at most, rather than of medians over rounds minutes apart: on a
+    machine whose speed drifts, the pairs cancel most of the drift."""
     rows = []
     for case in cases:
         if case in variants:
