@@ -880,8 +880,8 @@ def render(cases, results, idle, setup, rounds, duration, idle_n, notes):
 
 
 def render_saved(args):
-    """The table of a run saved with `--json`, as the current `render`
-    prints it."""
+    """The tables of a run saved with `--json`, as the current `render`
+    prints them."""
     with open(args.render) as f:
         saved = json.load(f)
     results = {tuple(k.split("/", 1)): v for k, v in saved["results"].items()}
