@@ -28,9 +28,9 @@ use std::cmp::min;
 use std::future::poll_fn;
 use std::io;
 use std::mem::{MaybeUninit, take};
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 
 use axum::body::Body;
 use bytes::{BufMut, Bytes, BytesMut};
@@ -40,6 +40,7 @@ use http_body::{Body as _, Frame, SizeHint};
 use hyper::ext::ReasonPhrase;
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 
 use super::headers::{Forwarding, lists_token};
 use super::pool::UpstreamPool;
@@ -81,6 +82,8 @@ pub enum Error {
     HeadTooLarge,
     #[error("malformed chunked response body")]
     Chunked,
+    #[error("no response head before the deadline")]
+    TimedOut,
 }
 
 impl Error {
@@ -100,6 +103,54 @@ impl Error {
             _ => false,
         }
     }
+}
+
+/// A plain connection to an upstream, with the timer that bounds the wait
+/// for each of its responses.
+///
+/// A timer made per request would be entered into the runtime's timer
+/// wheel and taken out again, under the wheel's lock, for every request.
+/// This one stays in the wheel, set for an earlier request's deadline, and
+/// is moved on only when it fires before the present one ([`within`]):
+/// every request waits with the same timeout, so on a busy connection that
+/// is once per timeout rather than once per request.
+pub struct Connection {
+    pub(super) stream: TcpStream,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl Connection {
+    /// `stream`, with `timer` (the one its connecting waited under).
+    pub(super) fn new(stream: TcpStream, timer: Pin<Box<Sleep>>) -> Self {
+        Self { stream, timer }
+    }
+}
+
+/// `future`'s output, or `None` if it is not ready by `deadline`. `timer`
+/// may be set for an earlier time (see [`Connection`]); both are pinned by
+/// the caller, so that the future waited for is kept once, in the caller's
+/// state.
+pub(super) fn within<'a, F: Future>(
+    mut timer: Pin<&'a mut Sleep>,
+    deadline: Instant,
+    mut future: Pin<&'a mut F>,
+) -> impl Future<Output = Option<F::Output>> + 'a {
+    if timer.deadline() > deadline {
+        // The timeout was shortened since the timer was set (a reload).
+        timer.as_mut().reset(deadline);
+    }
+    poll_fn(move |cx| {
+        if let Poll::Ready(output) = future.as_mut().poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        while timer.as_mut().poll(cx).is_ready() {
+            if timer.deadline() >= deadline {
+                return Poll::Ready(None);
+            }
+            timer.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    })
 }
 
 /// Whether `req` is exchanged here: a GET or HEAD without a body, and not
@@ -134,15 +185,38 @@ pub fn encode(req: &Request<Body>, forwarding: &Forwarding) -> spare::Buffer {
     out
 }
 
-/// Sends `request` (from [`encode`]) on `stream` and reads the response
-/// head. The connection goes back to `home` once the response has been
-/// read to its end, if it can take another request.
+/// Sends `request` (from [`encode`]) on `conn` and reads the response
+/// head, by `deadline`. The connection goes back to `home` once the
+/// response has been read to its end, if it can take another request.
 pub async fn exchange(
-    mut stream: TcpStream,
+    mut conn: Connection,
     request: &[u8],
     head_only: bool,
+    deadline: Instant,
     home: &Arc<UpstreamPool>,
 ) -> Result<Response<ResponseBody>, Error> {
+    let (head, rest) = {
+        let reading = pin!(read_head(&mut conn.stream, request, head_only));
+        within(conn.timer.as_mut(), deadline, reading).await
+    }
+    .ok_or(Error::TimedOut)??;
+    // The timer stays set, but wakes no task once it fires: the task
+    // waiting until now may end long before the connection is used again,
+    // and its memory would be kept for the waker until then.
+    let _ = conn
+        .timer
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()));
+    Ok(head.respond(conn, rest, home))
+}
+
+/// [`exchange`] up to the end of the response head: the head, and what
+/// came after it.
+async fn read_head(
+    stream: &mut TcpStream,
+    request: &[u8],
+    head_only: bool,
+) -> Result<(Head, Bytes), Error> {
     stream.write_all(request).await.map_err(Error::Write)?;
     // The first read lands in one of the thread's spare buffers, which
     // goes back to the spares once the response's last slice is dropped.
@@ -151,7 +225,7 @@ pub async fn exchange(
     let first = loop {
         stream.readable().await.map_err(Error::Unanswered)?;
         let mut buffer = spare::read_buffer(FIRST_READ);
-        match read_arrived(&stream, &mut *buffer) {
+        match read_arrived(stream, &mut *buffer) {
             Ok(0) => return Err(Error::Closed),
             Ok(_) => break buffer,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -170,7 +244,7 @@ pub async fn exchange(
                 Parsed::Final(head, len) => {
                     let rest = bytes.slice(len..);
                     drop(bytes);
-                    return Ok(head.respond(stream, rest, home));
+                    return Ok((head, rest));
                 }
             }
         }
@@ -179,7 +253,7 @@ pub async fn exchange(
         // bytes (a `1xx` passed over was dropped), so it is a move.
         let mut buf = BytesMut::from(bytes);
         buf.reserve(FIRST_READ);
-        match poll_fn(|cx| poll_read_arrived(&stream, cx, &mut buf)).await {
+        match poll_fn(|cx| poll_read_arrived(stream, cx, &mut buf)).await {
             Ok(0) => return Err(Error::Truncated),
             Ok(_) => {}
             Err(e) => return Err(Error::Read(e)),
@@ -375,7 +449,7 @@ impl Head {
     /// start of its body.
     fn respond(
         self,
-        stream: TcpStream,
+        conn: Connection,
         mut rest: Bytes,
         home: &Arc<UpstreamPool>,
     ) -> Response<ResponseBody> {
@@ -397,12 +471,12 @@ impl Head {
         let body = match whole {
             Some(body) => {
                 if reusable && rest.is_empty() {
-                    home.put_plain(stream);
+                    home.put_plain(conn);
                 }
                 ResponseBody(State::Whole(body))
             }
             None => ResponseBody(State::Reading(Reading {
-                stream,
+                conn,
                 pending: rest,
                 buf: BytesMut::new(),
                 read: FIRST_READ,
@@ -428,7 +502,7 @@ enum State {
 
 /// A body still arriving on its connection.
 struct Reading {
-    stream: TcpStream,
+    conn: Connection,
     /// Read, not yet passed on.
     pending: Bytes,
     /// Where reads land; spare room is kept for the next read.
@@ -541,7 +615,8 @@ impl Reading {
     /// Reads into `pending`, which is empty; `0` at the end of the stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, Error>> {
         self.buf.reserve(self.read);
-        let n = ready!(poll_read_arrived(&self.stream, cx, &mut self.buf)).map_err(Error::Read)?;
+        let n =
+            ready!(poll_read_arrived(&self.conn.stream, cx, &mut self.buf)).map_err(Error::Read)?;
         // A read that fills its room says the body is arriving faster than
         // it is read: the next may take more. One that takes less than
         // half lets the room shrink back.
@@ -559,7 +634,7 @@ impl Reading {
         if let Some(home) = self.home
             && self.pending.is_empty()
         {
-            home.put_plain(self.stream);
+            home.put_plain(self.conn);
         }
     }
 }

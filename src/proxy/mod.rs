@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::ready;
 use hyper::upgrade::OnUpgrade;
-use tokio::time::error::Elapsed;
 
 use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
@@ -106,7 +105,7 @@ pub fn handle(
         // polled by its own task, which may wait in the runtime's queue.
         // One reading serves for the deadline and the latency.
         let sent_at = Instant::now();
-        let sent = tokio::time::timeout_at((sent_at + timeout).into(), pool.send(request)).await;
+        let sent = pool.send(request, (sent_at + timeout).into()).await;
         let upstream = Some(pool.authority().clone());
         let forwarded = Forwarded {
             state: &state,
@@ -189,7 +188,7 @@ impl Forwarded<'_> {
     )]
     fn response(
         &self,
-        sent: Result<Result<http::Response<PooledBody>, UpstreamError>, Elapsed>,
+        sent: Result<http::Response<PooledBody>, UpstreamError>,
         sent_at: Instant,
         timeout: Duration,
         client_upgrade: Option<OnUpgrade>,
@@ -202,13 +201,26 @@ impl Forwarded<'_> {
             client,
         } = *self;
         let mut response = match sent {
-            Ok(Ok(response)) => {
+            Ok(response) => {
                 if let Some(m) = metrics {
                     m.upstream_responded(sent_at.elapsed());
                 }
                 response
             }
-            Ok(Err(e)) => {
+            Err(UpstreamError::TimedOut) => {
+                upstream_error(
+                    host,
+                    pool,
+                    metrics,
+                    UpstreamErrorKind::Timeout,
+                    &format!("no response within {} s", timeout.as_secs()),
+                );
+                return Err(plain(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "gateway timeout: the upstream did not answer in time\n",
+                ));
+            }
+            Err(e) => {
                 if let Some(BodyStalled(after)) = BodyStalled::find(&e) {
                     // The client's fault, not the upstream's: the upstream
                     // request was aborted because the body stopped arriving.
@@ -232,19 +244,6 @@ impl Forwarded<'_> {
                 return Err(plain(
                     StatusCode::BAD_GATEWAY,
                     "bad gateway: the upstream could not be reached\n",
-                ));
-            }
-            Err(_) => {
-                upstream_error(
-                    host,
-                    pool,
-                    metrics,
-                    UpstreamErrorKind::Timeout,
-                    &format!("no response within {} s", timeout.as_secs()),
-                );
-                return Err(plain(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "gateway timeout: the upstream did not answer in time\n",
                 ));
             }
         };

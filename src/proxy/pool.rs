@@ -16,7 +16,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
@@ -32,6 +32,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::time::sleep_until;
 
 use super::client;
 use super::headers::Forwarding;
@@ -58,6 +59,8 @@ pub enum UpstreamError {
     Exchange(#[source] hyper::Error),
     #[error("exchange with the upstream: {0}")]
     Plain(#[source] client::Error),
+    #[error("no response head before the deadline")]
+    TimedOut,
 }
 
 impl UpstreamError {
@@ -125,7 +128,7 @@ pub struct UpstreamPool {
 #[derive(Default)]
 struct Idle {
     hyper: VecDeque<Parked<SendRequest<Body>>>,
-    plain: VecDeque<Parked<TcpStream>>,
+    plain: VecDeque<Parked<client::Connection>>,
 }
 
 struct Parked<C> {
@@ -158,20 +161,28 @@ impl UpstreamPool {
     }
 
     /// Sends `req` (origin-form target, `Host` set) on an idle connection,
-    /// or on a new one when none is idle. An idle connection may have been
-    /// closed by the upstream just then: a request it failed to take before
-    /// writing any of it goes on to the next connection, and a GET or HEAD
-    /// that got no byte of answer on it is sent once more, on a new
-    /// connection.
+    /// or on a new one when none is idle, and waits for the response head
+    /// until `deadline` ([`UpstreamError::TimedOut`] after it). An idle
+    /// connection may have been closed by the upstream just then: a request
+    /// it failed to take before writing any of it goes on to the next
+    /// connection, and a GET or HEAD that got no byte of answer on it is
+    /// sent once more, on a new connection.
     pub fn send(
         self: &Arc<Self>,
         req: Outgoing,
+        deadline: tokio::time::Instant,
     ) -> impl Future<Output = Result<Response<PooledBody>, UpstreamError>> + Send + '_ {
         match req {
-            Outgoing::Plain { head, head_only } => Either::Left(self.send_plain(head, head_only)),
+            Outgoing::Plain { head, head_only } => {
+                Either::Left(self.send_plain(head, head_only, deadline))
+            }
             // Boxed: hyper's exchange is the larger future by far, and the
             // requests that need it are the few.
-            Outgoing::Hyper(req) => Either::Right(Box::pin(self.send_hyper(*req))),
+            Outgoing::Hyper(req) => Either::Right(Box::pin(async move {
+                tokio::time::timeout_at(deadline, self.send_hyper(*req))
+                    .await
+                    .unwrap_or(Err(UpstreamError::TimedOut))
+            })),
         }
     }
 
@@ -216,20 +227,22 @@ impl UpstreamPool {
         self: &Arc<Self>,
         request: spare::Buffer,
         head_only: bool,
+        deadline: tokio::time::Instant,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         let mut pooled = self.checkout_plain();
         loop {
             let reused = pooled.is_some();
-            let stream = match pooled.take() {
-                Some(stream) => stream,
-                None => Box::pin(self.connect_plain()).await?,
+            let conn = match pooled.take() {
+                Some(conn) => conn,
+                None => Box::pin(self.connect_by(deadline)).await?,
             };
-            match client::exchange(stream, &request, head_only, self).await {
+            match client::exchange(conn, &request, head_only, deadline, self).await {
                 Ok(response) => return Ok(response.map(|body| PooledBody(Kind::Plain(body)))),
                 // Once only, and never on another pooled connection: an
                 // upstream that closes without answering this request
                 // runs it at most twice.
                 Err(e) if reused && e.unanswered() => {}
+                Err(client::Error::TimedOut) => return Err(UpstreamError::TimedOut),
                 Err(e) => return Err(UpstreamError::Plain(e)),
             }
         }
@@ -251,14 +264,14 @@ impl UpstreamPool {
     }
 
     /// [`checkout`](Self::checkout) for plain connections.
-    fn checkout_plain(&self) -> Option<TcpStream> {
+    fn checkout_plain(&self) -> Option<client::Connection> {
         take_newest(&mut self.lock().plain, self.idle_timeout, open)
     }
 
     /// Gives back a plain connection whose response has been read to the
     /// end.
-    pub(super) fn put_plain(&self, stream: TcpStream) {
-        park(&mut self.lock().plain, stream);
+    pub(super) fn put_plain(&self, conn: client::Connection) {
+        park(&mut self.lock().plain, conn);
     }
 
     /// Gives back a connection whose last response has been read to the
@@ -292,6 +305,20 @@ impl UpstreamPool {
         // `sender`; when it ends, nothing is left to report.
         tokio::spawn(connection.with_upgrades());
         Ok(sender)
+    }
+
+    /// A new plain connection, opened by `deadline`. The timer that waits
+    /// for it is kept with it.
+    async fn connect_by(
+        self: &Arc<Self>,
+        deadline: tokio::time::Instant,
+    ) -> Result<client::Connection, UpstreamError> {
+        let mut timer = Box::pin(sleep_until(deadline));
+        let connecting = pin!(self.connect_plain());
+        let stream = client::within(timer.as_mut(), deadline, connecting)
+            .await
+            .ok_or(UpstreamError::TimedOut)??;
+        Ok(client::Connection::new(stream, timer))
     }
 
     async fn connect_plain(self: &Arc<Self>) -> Result<TcpStream, UpstreamError> {
@@ -383,8 +410,8 @@ fn park<C>(stack: &mut VecDeque<Parked<C>>, conn: C) {
 /// it, not even the upstream's close. This costs no system call unless
 /// something arrived since its last read, which left the connection
 /// marked as drained (`client::read_arrived`).
-fn open(stream: &TcpStream) -> bool {
-    matches!(stream.try_read(&mut [0; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+fn open(conn: &client::Connection) -> bool {
+    matches!(conn.stream.try_read(&mut [0; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
 /// Where a connection goes back to.
@@ -521,6 +548,11 @@ mod tests {
         Outgoing::new(req, forwarding, true, false)
     }
 
+    /// A deadline no test reaches.
+    fn later() -> tokio::time::Instant {
+        tokio::time::Instant::now() + Duration::from_secs(60)
+    }
+
     fn get(path: &str) -> Outgoing {
         request(&Method::GET, path)
     }
@@ -574,7 +606,10 @@ mod tests {
                 let method = method.clone();
                 tokio::spawn(async move {
                     for path in ["/one", "/two"] {
-                        let response = pool.send(request(&method, path)).await.expect("response");
+                        let response = pool
+                            .send(request(&method, path), later())
+                            .await
+                            .expect("response");
                         assert_eq!(body_of(response).await, "ok");
                     }
                 })
@@ -605,7 +640,7 @@ mod tests {
             let pool = Arc::clone(&pool);
             tokio::spawn(async move {
                 for path in ["/pieces", "/after"] {
-                    let response = pool.send(get(path)).await.expect("response");
+                    let response = pool.send(get(path), later()).await.expect("response");
                     assert_eq!(response.status(), StatusCode::OK);
                     assert_eq!(response.headers()["x-piece"], "three");
                     assert_eq!(body_of(response).await, "ok");
@@ -644,14 +679,14 @@ mod tests {
                 let method = method.clone();
                 tokio::spawn(async move {
                     let mut response = pool
-                        .send(request(&method, "/partial"))
+                        .send(request(&method, "/partial"), later())
                         .await
                         .expect("response");
                     let first = response.body_mut().frame().await.expect("a frame");
                     assert_eq!(first.expect("data").into_data().expect("data"), "part");
                     drop(response);
                     let response = pool
-                        .send(request(&method, "/next"))
+                        .send(request(&method, "/next"), later())
                         .await
                         .expect("response");
                     assert_eq!(body_of(response).await, "next");
@@ -693,11 +728,60 @@ mod tests {
                 }
             });
             for _ in 0..3 {
-                let response = pool.send(request(&method, "/")).await.expect("response");
+                let response = pool
+                    .send(request(&method, "/"), later())
+                    .await
+                    .expect("response");
                 assert_eq!(body_of(response).await, "ok", "{method}");
             }
             upstream.await.expect("upstream");
         }
+    }
+
+    #[tokio::test]
+    async fn each_request_on_a_kept_connection_waits_until_its_own_deadline() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let pool = UpstreamPool::new(&upstream(listener.local_addr().expect("addr")), WAIT);
+        let short = Duration::from_millis(300);
+        let client = {
+            let pool = Arc::clone(&pool);
+            tokio::spawn(async move {
+                let response = pool
+                    .send(get("/first"), (Instant::now() + short).into())
+                    .await;
+                assert_eq!(body_of(response.expect("first")).await, "ok");
+                // Answered after the first request's deadline, before its
+                // own.
+                let deadline = Instant::now() + WAIT * 4;
+                let response = pool.send(get("/slow"), deadline.into()).await;
+                assert_eq!(body_of(response.expect("slow")).await, "ok");
+                // A deadline earlier than the last one (a shorter timeout
+                // after a reload) holds as well.
+                let started = Instant::now();
+                let error = pool.send(get("/silent"), (started + short).into()).await;
+                assert!(
+                    matches!(error, Err(UpstreamError::TimedOut)),
+                    "{:?}",
+                    error.err()
+                );
+                let waited = started.elapsed();
+                assert!(waited >= short && waited < WAIT, "{waited:?}");
+            })
+        };
+        let (mut socket, _) = listener.accept().await.expect("accept");
+        let head = read_head(&mut socket).await.expect("first");
+        assert!(head.starts_with("GET /first "), "{head}");
+        respond(&mut socket, "ok").await;
+        let head = read_head(&mut socket).await.expect("slow");
+        assert!(head.starts_with("GET /slow "), "{head}");
+        tokio::time::sleep(short * 2).await;
+        respond(&mut socket, "ok").await;
+        let head = read_head(&mut socket).await.expect("silent");
+        assert!(head.starts_with("GET /silent "), "{head}");
+        client.await.expect("client");
+        // All three went on the one connection, which the timed-out
+        // exchange closed.
+        assert_eq!(read_head(&mut socket).await, None);
     }
 
     #[tokio::test]
@@ -723,7 +807,7 @@ mod tests {
         }
         let pool = UpstreamPool::new(&upstream(addr), Duration::from_secs(1));
         let started = Instant::now();
-        let error = pool.send(get("/")).await.err().expect("an error");
+        let error = pool.send(get("/"), later()).await.err().expect("an error");
         assert!(matches!(error, UpstreamError::ConnectTimeout(_)), "{error}");
         assert_eq!(error.to_string(), "no connection within 1 s");
         let took = started.elapsed();
@@ -739,7 +823,7 @@ mod tests {
         let addr = listener.local_addr().expect("addr");
         drop(listener);
         let pool = UpstreamPool::new(&upstream(addr), WAIT);
-        let error = pool.send(get("/")).await.err().expect("an error");
+        let error = pool.send(get("/"), later()).await.err().expect("an error");
         assert!(error.is_connect(), "{error}");
         assert!(
             matches!(&error, UpstreamError::Connect(e) if e.kind() == io::ErrorKind::ConnectionRefused)
