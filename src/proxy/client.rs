@@ -40,6 +40,7 @@ use http_body::{Body as _, Frame, SizeHint};
 use hyper::ext::ReasonPhrase;
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
+use tokio::task::coop::unconstrained;
 use tokio::time::{Instant, Sleep};
 
 use super::headers::{Forwarding, lists_token};
@@ -110,10 +111,10 @@ impl Error {
 ///
 /// A timer made per request would be entered into the runtime's timer
 /// wheel and taken out again, under the wheel's lock, for every request.
-/// This one stays in the wheel, set for an earlier request's deadline, and
-/// is moved on only when it fires before the present one ([`within`]):
-/// every request waits with the same timeout, so on a busy connection that
-/// is once per timeout rather than once per request.
+/// This one is left set for an earlier request's deadline, and is moved on
+/// only when it fires before the present one ([`within`]): every request
+/// waits with the same timeout, so on a busy connection that is once per
+/// timeout rather than once per request.
 pub struct Connection {
     pub(super) stream: TcpStream,
     timer: Pin<Box<Sleep>>,
@@ -127,23 +128,22 @@ impl Connection {
 }
 
 /// `future`'s output, or `None` if it is not ready by `deadline`. `timer`
-/// may be set for an earlier time (see [`Connection`]); both are pinned by
-/// the caller, so that the future waited for is kept once, in the caller's
-/// state.
+/// may be set for an earlier time (see [`Connection`]), or a later one if
+/// the timeout was shortened since; both are pinned by the caller, so that
+/// the future waited for is kept once, in the caller's state.
 pub(super) fn within<'a, F: Future>(
     mut timer: Pin<&'a mut Sleep>,
     deadline: Instant,
     mut future: Pin<&'a mut F>,
 ) -> impl Future<Output = Option<F::Output>> + 'a {
     if timer.deadline() > deadline {
-        // The timeout was shortened since the timer was set (a reload).
         timer.as_mut().reset(deadline);
     }
     poll_fn(move |cx| {
         if let Poll::Ready(output) = future.as_mut().poll(cx) {
             return Poll::Ready(Some(output));
         }
-        while timer.as_mut().poll(cx).is_ready() {
+        while poll_timer(timer.as_mut(), cx).is_ready() {
             if timer.deadline() >= deadline {
                 return Poll::Ready(None);
             }
@@ -151,6 +151,14 @@ pub(super) fn within<'a, F: Future>(
         }
         Poll::Pending
     })
+}
+
+/// Polls `timer` outside the task's cooperative budget. A future that
+/// uses up the budget on every poll (an upstream sending `1xx` answers
+/// without end) would otherwise keep the timer from ever being seen to
+/// fire; `tokio::time::timeout` guards against the same.
+fn poll_timer(timer: Pin<&mut Sleep>, cx: &mut Context<'_>) -> Poll<()> {
+    pin!(unconstrained(timer)).poll(cx)
 }
 
 /// Whether `req` is exchanged here: a GET or HEAD without a body, and not
@@ -203,10 +211,7 @@ pub async fn exchange(
     // The timer stays set, but wakes no task once it fires: the task
     // waiting until now may end long before the connection is used again,
     // and its memory would be kept for the waker until then.
-    let _ = conn
-        .timer
-        .as_mut()
-        .poll(&mut Context::from_waker(Waker::noop()));
+    let _ = poll_timer(conn.timer.as_mut(), &mut Context::from_waker(Waker::noop()));
     Ok(head.respond(conn, rest, home))
 }
 

@@ -738,50 +738,96 @@ mod tests {
         }
     }
 
+    /// Reads a request for `path` from `socket`.
+    async fn expect_request(socket: &mut TcpStream, path: &str) {
+        let head = read_head(socket).await.expect("a request");
+        assert!(
+            head.starts_with(&format!("GET {path} HTTP/1.1\r\n")),
+            "{head}"
+        );
+    }
+
+    /// Sends a GET for `path` that the upstream leaves unanswered, and
+    /// checks that it is given up at its deadline, `timeout` from now.
+    async fn times_out(pool: &Arc<UpstreamPool>, path: &str, timeout: Duration) {
+        let started = Instant::now();
+        let error = pool.send(get(path), (started + timeout).into()).await.err();
+        assert!(
+            matches!(error, Some(UpstreamError::TimedOut)),
+            "{path}: {error:?}"
+        );
+        let waited = started.elapsed();
+        assert!(
+            waited >= timeout && waited < timeout + WAIT,
+            "{path}: {waited:?}"
+        );
+    }
+
     #[tokio::test]
     async fn each_request_on_a_kept_connection_waits_until_its_own_deadline() {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let pool = UpstreamPool::new(&upstream(listener.local_addr().expect("addr")), WAIT);
-        let short = Duration::from_millis(300);
+        // Long enough for a request answered at once to be in by then on a
+        // loaded machine.
+        let short = Duration::from_secs(1);
         let client = {
             let pool = Arc::clone(&pool);
             tokio::spawn(async move {
-                let response = pool
-                    .send(get("/first"), (Instant::now() + short).into())
-                    .await;
-                assert_eq!(body_of(response.expect("first")).await, "ok");
-                // Answered after the first request's deadline, before its
-                // own.
-                let deadline = Instant::now() + WAIT * 4;
-                let response = pool.send(get("/slow"), deadline.into()).await;
-                assert_eq!(body_of(response.expect("slow")).await, "ok");
-                // A deadline earlier than the last one (a shorter timeout
-                // after a reload) holds as well.
-                let started = Instant::now();
-                let error = pool.send(get("/silent"), (started + short).into()).await;
-                assert!(
-                    matches!(error, Err(UpstreamError::TimedOut)),
-                    "{:?}",
-                    error.err()
-                );
-                let waited = started.elapsed();
-                assert!(waited >= short && waited < WAIT, "{waited:?}");
+                let ok = async |path: &str, timeout: Duration| {
+                    let response = pool.send(get(path), (Instant::now() + timeout).into());
+                    assert_eq!(body_of(response.await.expect(path)).await, "ok");
+                };
+                // The connection's timer is left set for this deadline.
+                ok("/first", short).await;
+                // Answered after that deadline, before its own: the timer
+                // fires early and is moved on.
+                ok("/slow", WAIT * 4).await;
+                // A deadline earlier than the timer's (a timeout shortened
+                // by a reload) holds as well.
+                times_out(&pool, "/silent", short).await;
+                // On a new connection: a request still unanswered when the
+                // timer fires early is given up at its own deadline.
+                ok("/again", short).await;
+                times_out(&pool, "/late", short * 2).await;
             })
         };
         let (mut socket, _) = listener.accept().await.expect("accept");
-        let head = read_head(&mut socket).await.expect("first");
-        assert!(head.starts_with("GET /first "), "{head}");
+        expect_request(&mut socket, "/first").await;
         respond(&mut socket, "ok").await;
-        let head = read_head(&mut socket).await.expect("slow");
-        assert!(head.starts_with("GET /slow "), "{head}");
+        expect_request(&mut socket, "/slow").await;
         tokio::time::sleep(short * 2).await;
         respond(&mut socket, "ok").await;
-        let head = read_head(&mut socket).await.expect("silent");
-        assert!(head.starts_with("GET /silent "), "{head}");
-        client.await.expect("client");
-        // All three went on the one connection, which the timed-out
-        // exchange closed.
+        expect_request(&mut socket, "/silent").await;
+        // The timed-out exchange closed its connection.
         assert_eq!(read_head(&mut socket).await, None);
+        let (mut socket, _) = listener.accept().await.expect("accept");
+        expect_request(&mut socket, "/again").await;
+        respond(&mut socket, "ok").await;
+        expect_request(&mut socket, "/late").await;
+        tokio::time::timeout(WAIT * 4, client)
+            .await
+            .expect("the client ended")
+            .expect("client");
+        assert_eq!(read_head(&mut socket).await, None);
+    }
+
+    #[tokio::test]
+    async fn an_upstream_sending_interim_answers_without_end_is_given_up_at_the_deadline() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let pool = UpstreamPool::new(&upstream(listener.local_addr().expect("addr")), WAIT);
+        let client = {
+            let pool = Arc::clone(&pool);
+            tokio::spawn(async move { times_out(&pool, "/", Duration::from_secs(1)).await })
+        };
+        let (mut socket, _) = listener.accept().await.expect("accept");
+        expect_request(&mut socket, "/").await;
+        let interim = b"HTTP/1.1 100 Continue\r\n\r\n".repeat(4096);
+        // Until the pool gives up and closes the connection.
+        while socket.write_all(&interim).await.is_ok() {}
+        tokio::time::timeout(WAIT * 2, client)
+            .await
+            .expect("the client ended")
+            .expect("client");
     }
 
     #[tokio::test]
