@@ -59,6 +59,7 @@ pub enum UpstreamError {
     Exchange(#[source] hyper::Error),
     #[error("exchange with the upstream: {0}")]
     Plain(#[source] client::Error),
+    /// Connecting included.
     #[error("no response head before the deadline")]
     TimedOut,
 }
@@ -531,6 +532,14 @@ mod tests {
         }
     }
 
+    /// A listener standing in for an upstream, and a pool of connections
+    /// to it.
+    async fn listening_upstream() -> (TcpListener, Arc<UpstreamPool>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let pool = UpstreamPool::new(&upstream(listener.local_addr().expect("addr")), WAIT);
+        (listener, pool)
+    }
+
     /// A GET goes on a plain connection, a POST (even without a body) on
     /// one of hyper's.
     const METHODS: [Method; 2] = [Method::GET, Method::POST];
@@ -634,8 +643,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_response_head_in_pieces_after_an_interim_answer_is_read_whole() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let pool = UpstreamPool::new(&upstream(listener.local_addr().expect("addr")), WAIT);
+        let (listener, pool) = listening_upstream().await;
         let client = {
             let pool = Arc::clone(&pool);
             tokio::spawn(async move {
@@ -672,8 +680,7 @@ mod tests {
     #[tokio::test]
     async fn a_response_not_read_to_the_end_does_not_return_its_connection() {
         for method in METHODS {
-            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            let pool = UpstreamPool::new(&upstream(listener.local_addr().expect("addr")), WAIT);
+            let (listener, pool) = listening_upstream().await;
             let client = {
                 let pool = Arc::clone(&pool);
                 let method = method.clone();
@@ -715,8 +722,7 @@ mod tests {
     #[tokio::test]
     async fn an_upstream_that_closes_after_every_response_is_dialled_again() {
         for method in METHODS {
-            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            let pool = UpstreamPool::new(&upstream(listener.local_addr().expect("addr")), WAIT);
+            let (listener, pool) = listening_upstream().await;
             let upstream = tokio::spawn(async move {
                 // Each connection answers one request and is then closed,
                 // as an upstream may do to an idle connection at any
@@ -765,8 +771,7 @@ mod tests {
 
     #[tokio::test]
     async fn each_request_on_a_kept_connection_waits_until_its_own_deadline() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let pool = UpstreamPool::new(&upstream(listener.local_addr().expect("addr")), WAIT);
+        let (listener, pool) = listening_upstream().await;
         // Long enough for a request answered at once to be in by then on a
         // loaded machine.
         let short = Duration::from_secs(1);
@@ -813,8 +818,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_upstream_sending_interim_answers_without_end_is_given_up_at_the_deadline() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let pool = UpstreamPool::new(&upstream(listener.local_addr().expect("addr")), WAIT);
+        let (listener, pool) = listening_upstream().await;
         let client = {
             let pool = Arc::clone(&pool);
             tokio::spawn(async move { times_out(&pool, "/", Duration::from_secs(1)).await })
@@ -828,6 +832,22 @@ mod tests {
             .await
             .expect("the client ended")
             .expect("client");
+    }
+
+    #[tokio::test]
+    async fn a_wait_that_uses_up_the_task_budget_still_ends_at_the_deadline() {
+        let mut timer = std::pin::pin!(sleep_until(
+            (Instant::now() + Duration::from_millis(100)).into()
+        ));
+        let deadline = timer.deadline();
+        let busy = std::pin::pin!(async {
+            loop {
+                tokio::task::coop::consume_budget().await;
+            }
+        });
+        let waited =
+            tokio::time::timeout(WAIT, client::within(timer.as_mut(), deadline, busy)).await;
+        assert!(matches!(waited, Ok(None)), "the deadline was not seen");
     }
 
     #[tokio::test]
