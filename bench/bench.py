@@ -574,7 +574,7 @@ def build_cases(args):
     ]
     variants = [
         Case("f_base", "(f) reverse-proxy: access log to file (as in (a))", "wrk",
-             conns=64, peers=("reverse-proxy",)),
+             conns=64, peers=("rp-filelog",)),
         Case("f_nolog", "(f) reverse-proxy: no access log", "wrk", conns=64,
              peers=("rp-nolog",)),
         Case("f_stdout", "(f) reverse-proxy: access log to file and stdout (log_level = info)",
@@ -590,6 +590,15 @@ def build_cases(args):
         ab = ("reverse-proxy", "rp-baseline", "nginx")
         return [replace(c, peers=ab) for c in cases if c.key in only]
     return [c for c in cases + variants if only is None or c.key in only]
+
+
+def in_round_order(cases, rnd):
+    """The cases of round `rnd`: the (f) variants, each one instance,
+    take turns at going first, as the peers of a case do, so that no
+    variant is always measured right after the heavier cases."""
+    variants = [c for c in cases if c.key.startswith("f_")]
+    shift = rnd % len(variants) if variants else 0
+    return [c for c in cases if c not in variants] + variants[shift:] + variants[:shift]
 
 
 def rate_limiter_works(setup):
@@ -673,6 +682,9 @@ def main():
                 base.procs += base_tls.procs
                 base.tls_workers = base_tls.workers
             peers["rp-baseline"] = base
+        # The (f) variants are instances of their own, started alike, so
+        # that none of them has served the other cases before.
+        peers["rp-filelog"] = setup.start_rp("rp-filelog", level=args.rp_log_level)
         peers["rp-nolog"] = setup.start_rp("rp-nolog", access_log=False)
         peers["rp-stdout"] = setup.start_rp("rp-stdout", level="info")
         setup.rl_available = rate_limiter_works(setup)
@@ -704,7 +716,7 @@ def main():
                     run_load(setup, case, workers_for(case, name), 1)
 
         for rnd in range(rounds):
-            for case in cases:
+            for case in in_round_order(cases, rnd):
                 order = list(case.peers)
                 shift = rnd % len(order)
                 order = order[shift:] + order[:shift]
@@ -856,7 +868,7 @@ def render(cases, results, idle, setup, rounds, duration, idle_n, notes):
             ["case", "metric"] + [f"{a} / {b}".replace("reverse-proxy", "rp") for a, b in pairs]
             + [f"{a} ahead of {b}".replace("reverse-proxy", "rp") for a, b in pairs], paired)
     if variants:
-        base = median([r["rps"] for r in results.get(("f_base", "reverse-proxy"), [])])
+        base = median([r["rps"] for r in results.get(("f_base", "rp-filelog"), [])])
         vrows = []
         for case in variants:
             name = case.peers[0]
@@ -885,6 +897,10 @@ def render_saved(args):
     with open(args.render) as f:
         saved = json.load(f)
     results = {tuple(k.split("/", 1)): v for k, v in saved["results"].items()}
+    if ("f_base", "reverse-proxy") in results:
+        # Runs before the (f) variants had instances of their own measured
+        # the file-log variant on the main instance.
+        results[("f_base", "rp-filelog")] = results.pop(("f_base", "reverse-proxy"))
     idle = {(k.split("/", 1)[0] == "tls", k.split("/", 1)[1]): v
             for k, v in saved["idle"].items()}
     keys = {key for key, _ in results}
