@@ -593,9 +593,9 @@ def build_cases(args):
 
 
 def in_round_order(cases, rnd):
-    """The cases of round `rnd`: the (f) variants, each one instance,
-    take turns at going first, as the peers of a case do, so that no
-    variant is always measured right after the heavier cases."""
+    """The cases of round `rnd`: the (f) variants rotate which goes
+    first, as the peers of a case do, so that no variant is always the
+    one measured right after the heavier cases."""
     variants = [c for c in cases if c.key.startswith("f_")]
     shift = rnd % len(variants) if variants else 0
     return [c for c in cases if c not in variants] + variants[shift:] + variants[:shift]
@@ -683,13 +683,18 @@ def main():
                 base.tls_workers = base_tls.workers
             peers["rp-baseline"] = base
         # The (f) variants are instances of their own, started alike, so
-        # that none of them has served the other cases before.
-        peers["rp-filelog"] = setup.start_rp("rp-filelog", level=args.rp_log_level)
-        peers["rp-nolog"] = setup.start_rp("rp-nolog", access_log=False)
-        peers["rp-stdout"] = setup.start_rp("rp-stdout", level="info")
-        setup.rl_available = rate_limiter_works(setup)
-        if setup.rl_available:
-            peers["rp-ratelimit"] = setup.start_rp("rp-ratelimit", rate_limit=(1000000, 1000000))
+        # that none of them has served the other cases before; and only
+        # when measured, so that idle instances do not share CPU 0 with
+        # the other cases for nothing.
+        setup.rl_available = False
+        if any(c.key.startswith("f_") for c in cases):
+            peers["rp-filelog"] = setup.start_rp("rp-filelog", level=args.rp_log_level)
+            peers["rp-nolog"] = setup.start_rp("rp-nolog", access_log=False)
+            peers["rp-stdout"] = setup.start_rp("rp-stdout", level="info")
+            setup.rl_available = rate_limiter_works(setup)
+            if setup.rl_available:
+                peers["rp-ratelimit"] = setup.start_rp("rp-ratelimit",
+                                                       rate_limit=(1000000, 1000000))
         for name in ("reverse-proxy", "nginx", "haproxy"):
             setup.check(peers[name])
         log(f"peers up in {tmp}; TLS in this build: {setup.tls_available}; "
@@ -736,11 +741,14 @@ def main():
                     log(f"round {rnd + 1}/{rounds} {case.key:8} {name:14} "
                         + " ".join(f"{k}={v:.2f}" for k, v in r.items() if k != "errors"))
 
+        # Every instance that logs to a file, so that a log that was not
+        # written shows.
         log_lines = {}
-        for name in ("reverse-proxy", "nginx", "haproxy"):
-            log_lines[name] = 0
-            for path in (peers[name].log_path, peers[name].tls_log_path):
-                if path:
+        for name, peer in peers.items():
+            paths = [p for p in (peer.log_path, peer.tls_log_path) if p]
+            if paths:
+                log_lines[name] = 0
+                for path in paths:
                     with open(path, "rb") as f:
                         log_lines[name] += sum(1 for _ in f)
         notes["access log lines"] = log_lines

@@ -3,105 +3,122 @@
 
 The (a) goal compares reverse-proxy with `direct`: wrk against the
 upstream alone, both on one CPU. This script runs the same load (wrk,
-64 keep-alive connections, 1 KiB responses) in three placements:
+64 keep-alive connections, 1 KiB responses, the proxy configured as in
+bench.py) in three placements:
 
 - direct: wrk and the upstream on CPU 1, no proxy;
-- split: the proxy on CPU 0, wrk and the upstream on CPU 1 (as in (a));
-- one CPU: all three on CPU 1;
+- apart: the proxy on CPU 0, wrk and the upstream on CPU 1 (as in (a));
+- beside: all three on CPU 1;
 
 and prints requests/s, the user and system CPU time per request of each
 process (from /proc/PID/stat, and wrk's own rusage), and the rescheduling
-and function-call interrupts per 1,000 requests (from /proc/interrupts).
-A gap between the split and one-CPU rows is what crossing between CPUs
-costs, which the direct row never pays.
+and function-call interrupts of CPUs 0 and 1 per 1,000 requests (x86's
+RES and CAL lines of /proc/interrupts). A gap between the apart and
+beside rows is what crossing between CPUs costs, which the direct row
+never pays.
 
     python3 bench/placement.py [--rp-bin PATH] [--rounds N] [--duration S]
 
-Needs wrk and `cargo build --release --example bench_upstream`.
+Needs two CPUs, wrk, taskset, and the release builds of reverse-proxy and
+of the benchmark upstream (`bench/run.sh` makes both).
 """
 
 import argparse
 import os
+import resource
 import subprocess
+import sys
 import tempfile
+import types
 
-from bench import HOST, free_port, wait_port
+from bench import (CLIENT_CPU, CLK_TCK, HOST, SERVER_CPU, Setup, free_port, get, parse_wrk,
+                   wait_port)
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-PLACEMENTS = (("direct", "1", None, "1"), ("split", "1", "0", "1"), ("one CPU", "1", "1", "1"))
+# Where the proxy runs in each placement; None: no proxy.
+PLACEMENTS = (("direct", None), ("apart", SERVER_CPU), ("beside", CLIENT_CPU))
+ROLES = ("upstream", "proxy", "wrk")
 
 
 def cpu_seconds(pid):
-    """User and system CPU seconds of a running process."""
+    """User and system CPU seconds of a running process, all its threads."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def interrupts():
-    """Rescheduling and function-call interrupts, summed over the CPUs."""
+    """Rescheduling and function-call interrupts of the two CPUs used,
+    where the kernel reports them under those names."""
     counts = {}
-    with open("/proc/interrupts") as f:
-        for line in f:
-            name, _, rest = line.strip().partition(":")
-            if name in ("RES", "CAL"):
-                counts[name] = sum(int(v) for v in rest.split() if v.isdigit())
+    try:
+        with open("/proc/interrupts") as f:
+            cpus = f.readline().split()
+            columns = [cpus.index(f"CPU{c}") for c in (SERVER_CPU, CLIENT_CPU)]
+            for line in f:
+                name, _, rest = line.strip().partition(":")
+                if name in ("RES", "CAL"):
+                    values = rest.split()
+                    counts[name] = sum(int(values[i]) for i in columns)
+    except (OSError, ValueError, IndexError):
+        return {}
     return counts
 
 
-def pinned(cpu, argv, **kwargs):
-    return subprocess.Popen(["taskset", "-c", cpu] + argv, stdout=subprocess.DEVNULL, **kwargs)
-
-
-def wrk(cpu, port, duration):
-    """Runs wrk to the end; returns (requests, user s, system s)."""
-    proc = subprocess.Popen(
-        ["taskset", "-c", cpu, "wrk", "-t1", "-c64", f"-d{duration}s", "-H", f"Host: {HOST}",
-         f"http://127.0.0.1:{port}/"], stdout=subprocess.PIPE, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0 or " requests in " not in out:
-        raise SystemExit(f"wrk failed:\n{out}")
+def wrk(port, duration):
+    """Runs wrk on the client CPU; returns its requests, requests/s and
+    the user and system seconds it used."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    done = subprocess.run(
+        ["taskset", "-c", CLIENT_CPU, "wrk", "-t1", "-c64", f"-d{duration}s",
+         "-H", f"Host: {HOST}", f"http://127.0.0.1:{port}/"],
+        capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = done.stdout + done.stderr
+    if done.returncode != 0 or " requests in " not in out:
+        sys.exit(f"wrk failed:\n{out}")
+    result = parse_wrk(out)
     requests = int(out.split(" requests in ")[0].split()[-1])
-    return requests, usage.ru_utime, usage.ru_stime
+    if result["errors"] or requests == 0:
+        sys.exit(f"wrk saw errors or no answers:\n{out}")
+    return (requests, result["rps"], after.ru_utime - before.ru_utime,
+            after.ru_stime - before.ru_stime)
 
 
-def measure(args, tmp, placement):
-    name, upstream_cpu, proxy_cpu, wrk_cpu = placement
-    upstream_port = free_port()
-    procs = {"upstream": pinned(upstream_cpu, [args.upstream_bin, f"127.0.0.1:{upstream_port}"])}
+def measure(setup, placement, duration):
+    """One placement: (requests/s, µs per request by role, interrupts per
+    1,000 requests)."""
+    _, proxy_cpu = placement
     try:
-        if not wait_port(upstream_port, procs["upstream"]):
-            raise SystemExit(f"the upstream ({args.upstream_bin}) did not start")
-        port = upstream_port
+        upstream = setup.start_upstream()
+        pids = {"upstream": upstream.workers[0]}
+        port = upstream.plain
         if proxy_cpu is not None:
             port = free_port()
-            conf = os.path.join(tmp, "config.toml")
+            conf = os.path.join(setup.tmp, "rp.toml")
             with open(conf, "w") as f:
-                f.write(f'[server]\nbind_addr = "127.0.0.1:{port}"\nlog_level = "warn"\n'
-                        f'worker_threads = 1\naccess_log = "{tmp}/access.log"\n'
-                        '[server.tls]\nmode = "off"\n[rate_limit]\nenabled = false\n'
-                        f'[[sites]]\nhost = "{HOST}"\n'
-                        f'upstream = "http://127.0.0.1:{upstream_port}"\n')
-            procs["proxy"] = pinned(proxy_cpu, [args.rp_bin, "--config", conf])
-            if not wait_port(port, procs["proxy"]):
-                raise SystemExit(f"the proxy ({args.rp_bin}) did not start")
-        wrk(wrk_cpu, port, 1)
-        before = {role: cpu_seconds(p.pid) for role, p in procs.items()}
+                f.write(setup.rp_config(port, tls=False,
+                                        access_log=os.path.join(setup.tmp, "access.log")))
+            proxy = setup.procs.start("rp", [setup.args.rp_bin, "--config", conf], proxy_cpu)
+            if not wait_port(port, proxy.popen):
+                sys.exit(f"reverse-proxy did not start:\n{setup.procs.stderr('rp')}")
+            pids["proxy"] = proxy.popen.pid
+        if get(port) != (200, 1024):
+            sys.exit(f"port {port} does not answer 200 with 1 KiB")
+        wrk(port, 1)
+        before = {role: cpu_seconds(pid) for role, pid in pids.items()}
         irq_before = interrupts()
-        requests, wrk_user, wrk_sys = wrk(wrk_cpu, port, args.duration)
+        requests, rps, wrk_user, wrk_sys = wrk(port, duration)
         irq_after = interrupts()
-        after = {role: cpu_seconds(p.pid) for role, p in procs.items()}
+        after = {role: cpu_seconds(pid) for role, pid in pids.items()}
     finally:
-        for p in procs.values():
-            p.terminate()
-            p.wait(10)
+        setup.procs.stop_all()
     used = {role: (after[role][0] - before[role][0], after[role][1] - before[role][1])
-            for role in procs}
+            for role in pids}
     used["wrk"] = (wrk_user, wrk_sys)
     per_request = {role: (u / requests * 1e6, s / requests * 1e6) for role, (u, s) in used.items()}
-    irqs = {k: (irq_after[k] - irq_before[k]) * 1000 / requests for k in irq_before}
-    return name, requests / args.duration, per_request, irqs
+    irqs = {k: (irq_after[k] - irq_before[k]) * 1000 / requests
+            for k in irq_before if k in irq_after}
+    return rps, per_request, irqs
 
 
 def main():
@@ -110,19 +127,23 @@ def main():
     parser.add_argument("--rp-bin", default="target/release/reverse-proxy")
     parser.add_argument("--upstream-bin", default="target/release/examples/bench_upstream")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--duration", type=int, default=5)
+    parser.add_argument("--duration", type=int, default=5, help="seconds per measurement")
     args = parser.parse_args()
+    if os.cpu_count() < 2 or args.duration < 1:
+        sys.exit("needs two CPUs and a duration of at least 1 s")
     print("µs of CPU per request, user/system; interrupts per 1,000 requests")
-    print(f"{'placement':9} {'req/s':>8}  {'upstream':>11}  {'proxy':>11}  {'wrk':>11}  "
-          f"{'RES':>5} {'CAL':>5}")
+    print(f"{'placement':9} {'req/s':>8}  " + "  ".join(f"{r:>11}" for r in ROLES)
+          + f"  {'RES':>5} {'CAL':>5}")
     with tempfile.TemporaryDirectory(prefix="rp-placement.") as tmp:
+        setup = Setup(types.SimpleNamespace(rp_bin=args.rp_bin, upstream_bin=args.upstream_bin),
+                      tmp)
         for _ in range(args.rounds):
             for placement in PLACEMENTS:
-                name, rps, cpu, irqs = measure(args, tmp, placement)
-                cells = [f"{cpu[role][0]:5.2f}/{cpu[role][1]:5.2f}" if role in cpu else "–"
-                         for role in ("upstream", "proxy", "wrk")]
-                print(f"{name:9} {rps:8,.0f}  {cells[0]:>11}  {cells[1]:>11}  {cells[2]:>11}  "
-                      f"{irqs.get('RES', 0):5.1f} {irqs.get('CAL', 0):5.1f}", flush=True)
+                rps, cpu, irqs = measure(setup, placement, args.duration)
+                cells = [f"{cpu[r][0]:5.2f}/{cpu[r][1]:5.2f}" if r in cpu else "–" for r in ROLES]
+                irq_cells = [f"{irqs[k]:5.1f}" if k in irqs else f"{'–':>5}" for k in ("RES", "CAL")]
+                print(f"{placement[0]:9} {rps:8,.0f}  " + "  ".join(f"{c:>11}" for c in cells)
+                      + "  " + " ".join(irq_cells), flush=True)
 
 
 if __name__ == "__main__":

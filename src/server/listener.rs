@@ -1,7 +1,7 @@
 //! Binding listening sockets. A `[::]` address is made dual-stack
 //! explicitly (IPV6_V6ONLY off) rather than trusting the kernel default,
-//! which distributions and containers set differently. Socket options set
-//! here are inherited by every connection the listener accepts.
+//! which distributions and containers set differently. On Linux, the TCP
+//! options set here are copied to every connection the listener accepts.
 
 use std::io;
 use std::net::SocketAddr;
@@ -10,11 +10,13 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 
 const BACKLOG: i32 = 1024;
-/// Bytes of a response a connection's socket may hold not yet sent before
-/// it takes no more. Without a bound, a large body is written far ahead of
-/// what the client's window lets out, and the kernel then sends it piece by
-/// piece from the client's acknowledgements instead of from the proxy's
-/// writes; 128 KiB still lets each write move a good deal.
+/// Bytes a client's socket may hold not yet sent before it takes no more.
+/// Without a bound, a large body is written far ahead of what the client's
+/// window lets out, and the kernel then sends it piece by piece from the
+/// client's acknowledgements instead of from the proxy's writes; 128 KiB
+/// still lets each write move a good deal. This overrides the machine's
+/// `net.ipv4.tcp_notsent_lowat` for the proxy's connections.
+#[cfg(target_os = "linux")]
 const NOTSENT_LOWAT: u32 = 128 * 1024;
 
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -40,7 +42,7 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn accepted_connections_hold_a_bounded_amount_of_unsent_bytes() {
+    async fn accepted_connections_inherit_the_bound_on_unsent_bytes() {
         let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
         let addr = listener.local_addr().expect("address");
         let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
