@@ -597,8 +597,13 @@ def in_round_order(cases, rnd):
     first, as the peers of a case do, so that no variant is always the
     one measured right after the heavier cases."""
     variants = [c for c in cases if c.key.startswith("f_")]
-    shift = rnd % len(variants) if variants else 0
-    return [c for c in cases if c not in variants] + variants[shift:] + variants[:shift]
+    return [c for c in cases if c not in variants] + rotated(variants, rnd)
+
+
+def rotated(items, rnd):
+    """`items` with the one at `rnd` (modulo their number) first."""
+    shift = rnd % len(items) if items else 0
+    return items[shift:] + items[:shift]
 
 
 def rate_limiter_works(setup):
@@ -722,10 +727,7 @@ def main():
 
         for rnd in range(rounds):
             for case in in_round_order(cases, rnd):
-                order = list(case.peers)
-                shift = rnd % len(order)
-                order = order[shift:] + order[:shift]
-                for name in order:
+                for name in rotated(list(case.peers), rnd):
                     if not runnable(case, name):
                         continue
                     r = run_load(setup, case, workers_for(case, name), duration)
