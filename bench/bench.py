@@ -661,7 +661,9 @@ def main():
         f.write(RESOLVE_LUA)
     cases = build_cases(args)
     results = {}  # (case key, peer name) -> list of dicts
-    notes = {}
+    notes = {"binaries": {"reverse-proxy": args.rp_bin}}
+    if args.baseline_bin:
+        notes["binaries"]["rp-baseline"] = args.baseline_bin
     idle = {}
     try:
         setup.make_cert()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark of reverse-proxy, nginx and HAProxy on this machine.
 #
-#   bench/run.sh            full run: 5 rounds x 8 s per case, 10 000 idle conns
+#   bench/run.sh            full run: 5 rounds x 8 s per case, 10 000 idle conns,
+#                           of the profile-guided build where it can be made
 #   bench/run.sh --quick    a few seconds per case: checks the script still works
 #
 # Any further arguments go to bench/bench.py (--only, --rounds, --duration,
@@ -37,15 +38,28 @@ if ((${#missing[@]})); then
 fi
 
 # --- Build ------------------------------------------------------------------------
+# A full run measures the profile-guided build (bench/pgo.sh) where rustc's
+# llvm-profdata is installed, as a release for production is built; RP_PGO=0
+# or a quick run measures the plain release build.
+rp_bin=()
 if [[ -z ${RP_SKIP_BUILD:-} ]]; then
     # Two invocations: building the example pulls in dev-dependency features,
     # and the binary measured must be the one that ships.
     cargo build --release --locked --bin reverse-proxy >&2
     cargo build --release --locked --example bench_upstream >&2
+    quick=false
+    for arg in "$@"; do [[ $arg == --quick ]] && quick=true; done
+    if [[ ${RP_PGO:-1} == 1 ]] && ! $quick; then
+        if find "$(rustc --print sysroot)/lib/rustlib" -name llvm-profdata -type f | grep -q .; then
+            rp_bin=(--rp-bin "$(bash bench/pgo.sh)")
+        else
+            echo "no llvm-profdata (rustup component add llvm-tools): measuring the plain release build" >&2
+        fi
+    fi
 fi
 
 # (e) holds 10 000 client and 10 000 server sockets open at once.
 ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 export PYTHONDONTWRITEBYTECODE=1
-exec python3 bench/bench.py "$@"
+exec python3 bench/bench.py "${rp_bin[@]}" "$@"
