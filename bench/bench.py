@@ -210,6 +210,10 @@ class Setup:
         self.upstream_port = None
         self.tls_available = None
         self.rl_available = None
+        # For wrk: loopback for the URL's host name (see RESOLVE_LUA).
+        self.resolve_lua = os.path.join(tmp, "resolve.lua")
+        with open(self.resolve_lua, "w") as f:
+            f.write(RESOLVE_LUA)
 
     # -- shared pieces --
 
@@ -656,9 +660,6 @@ def main():
     tmp = tempfile.mkdtemp(prefix="rp-bench.")
     setup = Setup(args, tmp)
     setup.idle_script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "idle_conns.py")
-    setup.resolve_lua = os.path.join(tmp, "resolve.lua")
-    with open(setup.resolve_lua, "w") as f:
-        f.write(RESOLVE_LUA)
     cases = build_cases(args)
     results = {}  # (case key, peer name) -> list of dicts
     notes = {"binaries": {"reverse-proxy": args.rp_bin}}
@@ -688,6 +689,7 @@ def main():
                 base.tls = base_tls.tls
                 base.procs += base_tls.procs
                 base.tls_workers = base_tls.workers
+                base.tls_log_path = base_tls.log_path
             peers["rp-baseline"] = base
         # The (f) variants are instances of their own, started alike, so
         # that none of them has served the other cases before; and only

@@ -39,18 +39,21 @@ fi
 
 # --- Build ------------------------------------------------------------------------
 # A full run measures the profile-guided build (bench/pgo.sh) where rustc's
-# llvm-profdata is installed, as a release for production is built; RP_PGO=0
-# or a quick run measures the plain release build.
+# llvm-profdata is installed. A quick run, RP_PGO=0, or a run given the
+# binaries to measure (--rp-bin, --baseline-bin) or measuring nothing
+# (--render) does not make it.
+pgo=${RP_PGO:-1}
+for arg in "$@"; do
+    case $arg in --qui* | --rp-bin* | --baseline-bin* | --render*) pgo=0 ;; esac
+done
 rp_bin=()
 if [[ -z ${RP_SKIP_BUILD:-} ]]; then
     # Two invocations: building the example pulls in dev-dependency features,
     # and the binary measured must be the one that ships.
     cargo build --release --locked --bin reverse-proxy >&2
     cargo build --release --locked --example bench_upstream >&2
-    quick=false
-    for arg in "$@"; do [[ $arg == --quick ]] && quick=true; done
-    if [[ ${RP_PGO:-1} == 1 ]] && ! $quick; then
-        if find "$(rustc --print sysroot)/lib/rustlib" -name llvm-profdata -type f | grep -q .; then
+    if [[ $pgo == 1 ]]; then
+        if bash bench/pgo.sh --check; then
             rp_bin=(--rp-bin "$(bash bench/pgo.sh)")
         else
             echo "no llvm-profdata (rustup component add llvm-tools): measuring the plain release build" >&2
