@@ -30,6 +30,8 @@ from dataclasses import dataclass, field, replace
 SERVER_CPU = "0"
 CLIENT_CPU = "1"
 HOST = "bench.test"
+# Requests per second and burst of a rate limit that no load here reaches.
+UNREACHED_LIMIT = (1000000, 1000000)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -157,16 +159,19 @@ def children(pid):
         return []
 
 
+def user_sys_ticks(pid):
+    """User and system clock ticks of a process, all its threads; zero
+    for one that has gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0, 0
+    return int(fields[11]), int(fields[12])
+
+
 def cpu_ticks(pids):
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        except OSError:
-            pass
-    return total
+    return sum(sum(user_sys_ticks(pid)) for pid in pids)
 
 
 def rss_bytes(pids):
@@ -271,15 +276,14 @@ class Setup:
         return "\n".join(lines) + "\n"
 
     def start_rp(self, name, *, tls=False, access_log=True, level="warn", rate_limit=None,
-                 binary=None):
+                 binary=None, cpu=SERVER_CPU):
         port = free_port()
         log_path = os.path.join(self.tmp, f"{name}-access.log") if access_log else None
         conf = os.path.join(self.tmp, f"{name}.toml")
         with open(conf, "w") as f:
             f.write(self.rp_config(port, tls=tls, access_log=log_path, level=level,
                                    rate_limit=rate_limit))
-        proc = self.procs.start(name, [binary or self.args.rp_bin, "--config", conf],
-                                SERVER_CPU)
+        proc = self.procs.start(name, [binary or self.args.rp_bin, "--config", conf], cpu)
         if not wait_port(port, proc.popen):
             err = self.procs.stderr(name)
             self.procs.stop(proc)
@@ -703,7 +707,7 @@ def main():
             setup.rl_available = rate_limiter_works(setup)
             if setup.rl_available:
                 peers["rp-ratelimit"] = setup.start_rp("rp-ratelimit",
-                                                       rate_limit=(1000000, 1000000))
+                                                       rate_limit=UNREACHED_LIMIT)
         for name in ("reverse-proxy", "nginx", "haproxy"):
             setup.check(peers[name])
         log(f"peers up in {tmp}; TLS in this build: {setup.tls_available}; "

@@ -31,8 +31,7 @@ import sys
 import tempfile
 import types
 
-from bench import (CLIENT_CPU, CLK_TCK, HOST, SERVER_CPU, Setup, free_port, get, parse_wrk,
-                   wait_port)
+from bench import CLIENT_CPU, CLK_TCK, HOST, SERVER_CPU, Setup, get, parse_wrk, user_sys_ticks
 
 # Where the proxy runs in each placement; None: no proxy.
 PLACEMENTS = (("direct", None), ("apart", SERVER_CPU), ("beside", CLIENT_CPU))
@@ -41,9 +40,8 @@ ROLES = ("upstream", "proxy", "wrk")
 
 def cpu_seconds(pid):
     """User and system CPU seconds of a running process, all its threads."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+    user, system = user_sys_ticks(pid)
+    return user / CLK_TCK, system / CLK_TCK
 
 
 def interrupts():
@@ -93,15 +91,9 @@ def measure(setup, placement, duration):
         pids = {"upstream": upstream.workers[0]}
         port = upstream.plain
         if proxy_cpu is not None:
-            port = free_port()
-            conf = os.path.join(setup.tmp, "rp.toml")
-            with open(conf, "w") as f:
-                f.write(setup.rp_config(port, tls=False,
-                                        access_log=os.path.join(setup.tmp, "access.log")))
-            proxy = setup.procs.start("rp", [setup.args.rp_bin, "--config", conf], proxy_cpu)
-            if not wait_port(port, proxy.popen):
-                sys.exit(f"reverse-proxy did not start:\n{setup.procs.stderr('rp')}")
-            pids["proxy"] = proxy.popen.pid
+            proxy = setup.start_rp("rp", cpu=proxy_cpu)
+            port = proxy.plain
+            pids["proxy"] = proxy.workers[0]
         if get(port) != (200, 1024):
             sys.exit(f"port {port} does not answer 200 with 1 KiB")
         wrk(port, 1)

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import types
 
-from bench import Setup, build_cases, log, rate_limiter_works, run_load
+from bench import UNREACHED_LIMIT, Setup, build_cases, log, rate_limiter_works, run_load
 
 
 def main():
@@ -49,7 +49,7 @@ def main():
             sys.exit(f"{args.rp_bin} has no TLS; a profile without it would be partial")
         if not rate_limiter_works(setup):
             sys.exit(f"{args.rp_bin} has no rate limiter; a profile without it would be partial")
-        rate_limited = setup.start_rp("rp-ratelimit", rate_limit=(1000000, 1000000))
+        rate_limited = setup.start_rp("rp-ratelimit", rate_limit=UNREACHED_LIMIT)
         runs = [(c, tls if c.tls else plain) for c in cases] + [(limited, rate_limited)]
         for peer in (plain, tls, rate_limited):
             setup.check(peer)
