@@ -2,12 +2,12 @@
 """Reports the longest time this process's CPU stood still, in ms.
 
 bench.py runs it on the load generator's CPU during each measurement. On
-the small VMs the benchmark is made for, that CPU now and then does not
-run at all for about 100 ms (the hypervisor's doing: it shows on a
-process that only sleeps). wrk corrects its latencies for coordinated
-omission: a reply that took 100 ms also counts as the replies that would
-have come in those 100 ms, so one such pause turns a round's p99 from
-about 1 ms into tens of ms, whichever peer is being measured.
+the small VMs the benchmark is made for, that CPU now and then runs none
+of the benchmark's processes for about 100 ms; it shows on a process that
+only sleeps, whichever peer is measured. wrk corrects its latencies for
+coordinated omission: a reply that took 100 ms also counts as the replies
+that would have come in those 100 ms, so one such pause turns a round's
+p99 from about 1 ms into tens of ms.
 
 It wakes every 5 ms and prints "ready" once started; on SIGTERM it prints
 the longest gap between two wake-ups and exits.

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import types
 
-from bench import UNREACHED_LIMIT, Setup, build_cases, log, rate_limiter_works, run_load
+from bench import UNREACHED_LIMIT, Setup, build_cases, log, measure, rate_limiter_works
 
 
 def main():
@@ -54,7 +54,7 @@ def main():
         for peer in (plain, tls, rate_limited):
             setup.check(peer)
         for case, peer in runs:
-            r = run_load(setup, case, peer, args.duration)
+            r = measure(setup, case, peer, args.duration)
             log(f"{case.key:5} {peer.procs[0].name:13} {r['rps']:.0f} req/s")
             if r.get("errors") or not r["rps"]:
                 failed.append(f"{case.key}: {r.get('errors', 0)} errors, {r['rps']:.0f} req/s")
