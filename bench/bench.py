@@ -507,7 +507,7 @@ class Case:
 # A measurement during which the load generator's CPU stood still this long
 # at once, or the peer's lost this long to the hypervisor, is taken again
 # (see stall_watch.py), up to MEASURE_ATTEMPTS times in all. Waiting for
-# its turn on the busy CPU, the watcher sees gaps of 6 to 15 ms; the
+# its turn on the busy CPU, the watcher sees gaps mostly under 20 ms; the
 # pauses it is there for last about 100.
 STALL_MS = 25.0
 MEASURE_ATTEMPTS = 3
