@@ -363,9 +363,16 @@ enum Escape {
 /// Settles how `value` is written in one pass over its bytes: almost every
 /// value is printable ASCII and needs no more.
 fn escape_for(value: &[u8], quote_if_needed: bool) -> Escape {
-    let class = value
-        .iter()
-        .fold(0, |class, &b| class | BYTE_CLASS[usize::from(b)]);
+    let of = |class, bytes: &[u8]| {
+        bytes
+            .iter()
+            .fold(class, |class, &b| class | BYTE_CLASS[usize::from(b)])
+    };
+    // Eight bytes a step, which the compiler unrolls: byte by byte, a user
+    // agent's tens of bytes spent as much on the loop as on the lookups.
+    let mut chunks = value.chunks_exact(8);
+    let class = (&mut chunks).fold(0, of);
+    let class = of(class, chunks.remainder());
     match class {
         0 if !value.is_empty() => Escape::Bare,
         c if c & OTHER == 0 && !quote_if_needed => Escape::Bare,

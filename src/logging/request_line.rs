@@ -12,7 +12,7 @@ use std::fmt;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use http::{Method, Version};
+use http::{Method, StatusCode, Version};
 
 use super::batch::BatchWriter;
 use super::{Escape, escape_for, timestamp, write_escaped_carefully, write_json_string};
@@ -46,7 +46,7 @@ pub struct RequestLine<'a> {
     pub site: bool,
     pub method: &'a Method,
     pub path: &'a str,
-    pub status: u16,
+    pub status: StatusCode,
     pub upstream: &'a str,
     pub duration: Duration,
     /// When the exchange ended: the line's time stamp.
@@ -143,7 +143,7 @@ impl RequestLine<'_> {
             self.configured(self.host),
             Value::Plain(self.method.as_str().as_bytes()),
             Value::Text(self.path.as_bytes()),
-            Value::Number(u64::from(self.status)),
+            Value::Number(u64::from(self.status.as_u16())),
             self.configured(self.upstream),
             Value::Number(self.duration_ms()),
             Value::Number(self.bytes_sent),
@@ -163,7 +163,7 @@ impl RequestLine<'_> {
         fn number(out: &mut Vec<u8>, n: u64) {
             out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
         }
-        out.extend_from_slice(&timestamp::of(self.ended));
+        timestamp::write_of(self.ended, out);
         out.extend_from_slice(b"  INFO REQUEST client_ip=");
         out.extend_from_slice(self.client_ip);
         out.extend_from_slice(b" host=");
@@ -173,7 +173,7 @@ impl RequestLine<'_> {
         out.extend_from_slice(b" path=");
         write_kv_text(out, self.path.as_bytes())?;
         out.extend_from_slice(b" status=");
-        number(out, u64::from(self.status));
+        out.extend_from_slice(&three_digits(self.status));
         out.extend_from_slice(b" upstream=");
         self.write_configured(out, self.upstream)?;
         out.extend_from_slice(b" duration_ms=");
@@ -193,7 +193,7 @@ impl RequestLine<'_> {
     /// `{"ts":"…","level":"INFO","event":"REQUEST","client_ip":"…",…}\n`
     fn write_json(&self, out: &mut Vec<u8>) -> fmt::Result {
         out.extend_from_slice(b"{\"ts\":\"");
-        out.extend_from_slice(&timestamp::of(self.ended));
+        timestamp::write_of(self.ended, out);
         out.extend_from_slice(b"\",\"level\":\"INFO\",\"event\":\"REQUEST\"");
         for (key, value) in JSON_KEYS.into_iter().zip(self.values()) {
             out.extend_from_slice(key.as_bytes());
@@ -247,6 +247,15 @@ impl fmt::Write for Bytes<'_> {
         self.0.extend_from_slice(s.as_bytes());
         Ok(())
     }
+}
+
+/// A status code's digits, of which `StatusCode` guarantees three: as an
+/// array of known length they are stored in place, where a number's text
+/// of any length took a call to `memcpy`.
+fn three_digits(status: StatusCode) -> [u8; 3] {
+    let code = status.as_u16();
+    let [tens, ones] = *timestamp::two_digits(u32::from(code % 100));
+    [b'0' + (code / 100 % 10) as u8, tens, ones]
 }
 
 fn http_version(version: Version) -> &'static str {
@@ -332,7 +341,7 @@ mod tests {
                 host = line.host,
                 method = line.method.as_str(),
                 path = line.path,
-                status = line.status,
+                status = line.status.as_u16(),
                 upstream = line.upstream,
                 duration_ms = line.duration.as_millis() as u64,
                 bytes_sent = line.bytes_sent,
@@ -385,7 +394,7 @@ mod tests {
                 site: upstream != "-" && i != 3 && i != 5,
                 method: if i % 3 == 0 { &Method::GET } else { &extension },
                 path,
-                status: 502,
+                status: StatusCode::BAD_GATEWAY,
                 upstream,
                 duration: Duration::from_micros(12_345),
                 ended: Instant::now(),
@@ -413,6 +422,14 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_status_is_its_three_digits() {
+        for code in [100, 101, 200, 204, 304, 404, 429, 502, 599, 999] {
+            let status = StatusCode::from_u16(code).expect("status");
+            assert_eq!(three_digits(status), *code.to_string().as_bytes(), "{code}");
+        }
+    }
+
     /// A stalled stdout drops its own lines, not the access log file's.
     #[test]
     fn a_full_first_sink_does_not_starve_the_second() {
@@ -436,7 +453,7 @@ mod tests {
             site: true,
             method: &Method::GET,
             path: "/kept",
-            status: 200,
+            status: StatusCode::OK,
             upstream: "127.0.0.1:3000",
             duration: Duration::from_millis(3),
             ended: Instant::now(),

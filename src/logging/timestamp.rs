@@ -37,12 +37,12 @@ fn wall_clock() -> Duration {
         .unwrap_or_default()
 }
 
-/// The wall-clock time of `at`, an instant the caller has just read, as
-/// the bytes of a log line's stamp. An access line already reads the
+/// Appends the wall-clock time of `at`, an instant the caller has just
+/// read, to `out` as a log line's stamp. An access line already reads the
 /// monotonic clock for its duration; the wall clock is read only when the
 /// thread's last reading of both is a second old or more, so a change of
 /// the system time shows within a second.
-pub fn of(at: Instant) -> [u8; LEN] {
+pub fn write_of(at: Instant, out: &mut Vec<u8>) {
     let anchored = ANCHOR.try_with(|anchor| {
         if let Some((instant, wall)) = anchor.get()
             && let Some(since) = at.checked_duration_since(instant)
@@ -54,7 +54,11 @@ pub fn of(at: Instant) -> [u8; LEN] {
         anchor.set(Some((at, wall)));
         wall
     });
-    stamp(anchored.unwrap_or_else(|_| wall_clock()))
+    // Appended in its two parts: put together first, the stamp was copied
+    // a byte or two at a time.
+    let (prefix, fraction) = parts(anchored.unwrap_or_else(|_| wall_clock()));
+    out.extend_from_slice(&prefix);
+    out.extend_from_slice(&fraction);
 }
 
 /// Writes the current time.
@@ -64,6 +68,16 @@ pub fn write_now(w: &mut impl fmt::Write) -> fmt::Result {
 }
 
 fn stamp(wall: Duration) -> [u8; LEN] {
+    let (prefix, fraction) = parts(wall);
+    let mut stamp = [0; LEN];
+    stamp[..PREFIX_LEN].copy_from_slice(&prefix);
+    stamp[PREFIX_LEN..].copy_from_slice(&fraction);
+    stamp
+}
+
+/// The stamp of `wall` as the prefix, cached for the second, and the
+/// microseconds with the `Z`.
+fn parts(wall: Duration) -> ([u8; PREFIX_LEN], [u8; LEN - PREFIX_LEN]) {
     let (secs, micros) = (wall.as_secs(), wall.subsec_micros());
     let prefix = PREFIX
         .try_with(|cached| {
@@ -77,17 +91,16 @@ fn stamp(wall: Duration) -> [u8; LEN] {
         })
         // While the thread's locals are torn down, format it afresh.
         .unwrap_or_else(|_| format_prefix(secs));
-    let mut stamp = [b'Z'; LEN];
-    stamp[..PREFIX_LEN].copy_from_slice(&prefix);
+    let mut fraction = [b'Z'; LEN - PREFIX_LEN];
     let pairs = [micros / 10_000, micros / 100 % 100, micros % 100];
     for (i, pair) in pairs.into_iter().enumerate() {
-        stamp[PREFIX_LEN + 2 * i..][..2].copy_from_slice(two_digits(pair));
+        fraction[2 * i..][..2].copy_from_slice(two_digits(pair));
     }
-    stamp
+    (prefix, fraction)
 }
 
 /// `00` to `99`; a table lookup rather than two divisions by ten.
-fn two_digits(n: u32) -> &'static [u8; 2] {
+pub(super) fn two_digits(n: u32) -> &'static [u8; 2] {
     const PAIRS: [[u8; 2]; 100] = {
         let mut pairs = [[0; 2]; 100];
         let mut i = 0;
@@ -100,6 +113,10 @@ fn two_digits(n: u32) -> &'static [u8; 2] {
     &PAIRS[n as usize % 100]
 }
 
+/// Once a second per thread: kept out of line, as the compiler otherwise
+/// began the date's arithmetic before the check that skips it.
+#[cold]
+#[inline(never)]
 fn format_prefix(secs: u64) -> [u8; PREFIX_LEN] {
     let t = i64::try_from(secs)
         .ok()
@@ -145,10 +162,15 @@ mod tests {
     fn an_instant_reads_as_the_wall_clock_at_it() {
         let text = |stamp: [u8; LEN]| String::from_utf8(stamp.to_vec()).expect("ascii");
         let start = Instant::now();
-        let first = text(of(start));
+        let of = |at| {
+            let mut out = Vec::new();
+            write_of(at, &mut out);
+            String::from_utf8(out).expect("ascii")
+        };
+        let first = of(start);
         let wall = text(now());
         // Anchored at `start`: a later instant reads later by the gap.
-        let later = text(of(start + Duration::from_millis(250)));
+        let later = of(start + Duration::from_millis(250));
         assert!(first <= wall, "{first} {wall}");
         assert!(first < later, "{first} {later}");
         let micros = |t: &str| t[17..26].replace('.', "").parse::<u64>().expect("digits");

@@ -127,7 +127,7 @@ struct AccountedBody<B> {
     inner: B,
     sent: u64,
     bytes: Option<IntCounter>,
-    done: Option<Done>,
+    done: Done,
 }
 
 impl<B> AccountedBody<B> {
@@ -136,7 +136,7 @@ impl<B> AccountedBody<B> {
             inner,
             sent: 0,
             bytes: done.site.as_ref().map(|s| s.response_bytes().clone()),
-            done: Some(done),
+            done,
         }
     }
 }
@@ -173,13 +173,14 @@ impl<B: http_body::Body<Data = Bytes> + Unpin> http_body::Body for AccountedBody
 
 impl<B> Drop for AccountedBody<B> {
     fn drop(&mut self) {
-        let Some(done) = self.done.take() else { return };
+        let done = &self.done;
         let ended = Instant::now();
         let elapsed = ended.saturating_duration_since(done.started);
         if let Some(site) = &done.site {
             site.request_done(&done.method, done.status, elapsed);
         }
-        let Some(line) = done.line.filter(|_| RequestLine::wanted()) else {
+        // Borrowed where it lies: moving it out copied some 300 bytes.
+        let Some(line) = done.line.as_ref().filter(|_| RequestLine::wanted()) else {
             return;
         };
         let e = &line.exchange;
@@ -190,7 +191,7 @@ impl<B> Drop for AccountedBody<B> {
             site: line.upstream.is_some(),
             method: &e.method,
             path: e.uri.path(),
-            status: done.status.as_u16(),
+            status: done.status,
             upstream: line.upstream.as_ref().map_or("-", Authority::as_str),
             duration: elapsed,
             ended,
