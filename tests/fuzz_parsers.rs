@@ -98,18 +98,18 @@ proptest! {
         let mut hosts = vec![host];
         hosts.extend(second);
         let version = if h2 { Version::HTTP_2 } else { Version::HTTP_11 };
-        if let Some(req) = request(version, "/", &hosts) {
-            if let Ok(found) = request_host(&req) {
-                prop_assert_eq!(hosts.len(), 1, "two Host fields accepted");
-                assert_well_formed(&found.name)?;
-                // The name is the Host's own, lower-cased (IPv6 literals
-                // come out in canonical form).
-                if !found.name.starts_with('[') {
-                    prop_assert!(
-                        hosts[0].to_ascii_lowercase().starts_with(&found.name),
-                        "{:?} from {:?}", found.name, hosts[0]
-                    );
-                }
+        if let Some(req) = request(version, "/", &hosts)
+            && let Ok(found) = request_host(&req)
+        {
+            prop_assert_eq!(hosts.len(), 1, "two Host fields accepted");
+            assert_well_formed(&found.name)?;
+            // The name is the Host's own, lower-cased (IPv6 literals
+            // come out in canonical form).
+            if !found.name.starts_with('[') {
+                prop_assert!(
+                    hosts[0].to_ascii_lowercase().starts_with(&found.name),
+                    "{:?} from {:?}", found.name, hosts[0]
+                );
             }
         }
     }
@@ -123,19 +123,17 @@ proptest! {
         let version = if h2 { Version::HTTP_2 } else { Version::HTTP_11 };
         let target = format!("http://{authority}/x");
         let hosts: Vec<String> = host.iter().cloned().collect();
-        if let Some(req) = request(version, &target, &hosts) {
-            if let Ok(found) = request_host(&req) {
-                assert_well_formed(&found.name)?;
-                // Routed by the target's authority, whatever Host says...
-                let target_authority = req.uri().authority().map(|a| a.as_str().to_owned());
-                prop_assert_eq!(found.authority.to_str().ok().map(str::to_owned), target_authority);
-                // ...and on HTTP/2 a Host beside it must be the same.
-                if h2 {
-                    if let Some(host) = &host {
-                        prop_assert!(host.as_bytes().eq_ignore_ascii_case(found.authority.as_bytes()),
-                            "h2 :authority {:?} with Host {:?} accepted", found.authority, host);
-                    }
-                }
+        if let Some(req) = request(version, &target, &hosts)
+            && let Ok(found) = request_host(&req)
+        {
+            assert_well_formed(&found.name)?;
+            // Routed by the target's authority, whatever Host says...
+            let target_authority = req.uri().authority().map(|a| a.as_str().to_owned());
+            prop_assert_eq!(found.authority.to_str().ok().map(str::to_owned), target_authority);
+            // ...and on HTTP/2 a Host beside it must be the same.
+            if h2 && let Some(host) = &host {
+                prop_assert!(host.as_bytes().eq_ignore_ascii_case(found.authority.as_bytes()),
+                    "h2 :authority {:?} with Host {:?} accepted", found.authority, host);
             }
         }
     }

@@ -330,13 +330,13 @@ impl Validator {
             self.error("server.tls.acme_cache_dir", "must not be empty");
         }
         let ca_root = raw.acme_ca_root.map(PathBuf::from);
-        if let Some(path) = &ca_root {
-            if !path.is_file() {
-                self.error(
-                    "server.tls.acme_ca_root",
-                    format!("file {} does not exist", path.display()),
-                );
-            }
+        if let Some(path) = &ca_root
+            && !path.is_file()
+        {
+            self.error(
+                "server.tls.acme_ca_root",
+                format!("file {} does not exist", path.display()),
+            );
         }
         Some(AcmeConfig {
             domains,
