@@ -729,6 +729,16 @@ mod tests {
                 values.push(format!("a{c}{other}"));
             }
         }
+        // Each kind of byte at each place in values of up to 17 bytes: the
+        // check reads eight bytes a step and the rest one at a time.
+        for len in 1..=17 {
+            for at in 0..len {
+                for other in [" ", "=", "\"", "\\", "\n", "\u{7f}", "ü"] {
+                    let (before, after) = ("a".repeat(at), "a".repeat(len - at - 1));
+                    values.push(format!("{before}{other}{after}"));
+                }
+            }
+        }
         for value in &values {
             for quote in [true, false] {
                 let (mut fast, mut careful) = (String::new(), String::new());

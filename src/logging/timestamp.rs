@@ -4,8 +4,8 @@
 //! Only the microseconds change from one access line to the next, so the
 //! date and time of day are formatted once per second and per thread and
 //! reused; converting and formatting a full date for every request was a
-//! visible share of the request path. The stamp is built as bytes of a
-//! fixed length, so the access line copies it without going through
+//! visible share of the request path. The stamp is made of byte arrays of
+//! fixed length, which the access line appends without going through
 //! `fmt::Write`.
 
 use std::cell::Cell;
@@ -100,7 +100,7 @@ fn parts(wall: Duration) -> ([u8; PREFIX_LEN], [u8; LEN - PREFIX_LEN]) {
 }
 
 /// `00` to `99`; a table lookup rather than two divisions by ten.
-pub(super) fn two_digits(n: u32) -> &'static [u8; 2] {
+fn two_digits(n: u32) -> &'static [u8; 2] {
     const PAIRS: [[u8; 2]; 100] = {
         let mut pairs = [[0; 2]; 100];
         let mut i = 0;

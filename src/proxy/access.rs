@@ -173,13 +173,14 @@ impl<B: http_body::Body<Data = Bytes> + Unpin> http_body::Body for AccountedBody
 
 impl<B> Drop for AccountedBody<B> {
     fn drop(&mut self) {
+        // Read where it lies: taken out of an `Option`, it was copied (312
+        // bytes, and the line's details 256 more) on every request.
         let done = &self.done;
         let ended = Instant::now();
         let elapsed = ended.saturating_duration_since(done.started);
         if let Some(site) = &done.site {
             site.request_done(&done.method, done.status, elapsed);
         }
-        // Borrowed where it lies: moving it out copied some 300 bytes.
         let Some(line) = done.line.as_ref().filter(|_| RequestLine::wanted()) else {
             return;
         };
