@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// `2026-11-21T11:42:00.`
 const PREFIX_LEN: usize = 20;
 /// The prefix, six digits of microseconds and `Z`.
-pub const LEN: usize = PREFIX_LEN + 7;
+const LEN: usize = PREFIX_LEN + 7;
 
 thread_local! {
     /// A monotonic instant and the wall-clock time (since the epoch) read
@@ -26,7 +26,7 @@ thread_local! {
 }
 
 /// The current time as the bytes of a log line's stamp (ASCII).
-pub fn now() -> [u8; LEN] {
+fn now() -> [u8; LEN] {
     stamp(wall_clock())
 }
 
