@@ -27,6 +27,8 @@ import time
 import types
 from dataclasses import dataclass, field, replace
 
+from stall_watch import TICK_MS, steal_ticks
+
 SERVER_CPU = "0"
 CLIENT_CPU = "1"
 HOST = "bench.test"
@@ -168,6 +170,11 @@ def user_sys_ticks(pid):
     except OSError:
         return 0, 0
     return int(fields[11]), int(fields[12])
+
+
+def stolen_ticks():
+    """The steal time of the peers' CPU and the load generator's so far."""
+    return steal_ticks(SERVER_CPU) + steal_ticks(CLIENT_CPU)
 
 
 def cpu_ticks(pids):
@@ -560,6 +567,7 @@ def measure(setup, case, peer, duration):
                 "--warm-up-time=1", f"--connect-to=127.0.0.1:{port}", url]
         parse = parse_h2load
     before = cpu_ticks(peer.workers)
+    stolen_before = stolen_ticks()
     started = time.monotonic()
     done = subprocess.run(["taskset", "-c", CLIENT_CPU, *argv],
                           capture_output=True, text=True, timeout=duration + 60)
@@ -568,6 +576,9 @@ def measure(setup, case, peer, duration):
     result = parse(done.stdout + done.stderr)
     # h2load's warm-up second is outside its figures but inside `elapsed`.
     result["cpu"] = 100.0 * used / elapsed
+    # Pauses too short for a retake still move p99: kept, so that rounds
+    # whose p99s differ can be compared with what the hypervisor took.
+    result["stolen_ms"] = (stolen_ticks() - stolen_before) * TICK_MS
     if result.get("errors"):
         log(f"  warning: {peer.name} {case.key}: {result['errors']} errors")
     return result
@@ -647,6 +658,15 @@ def in_round_order(cases, rnd):
     one measured right after the heavier cases."""
     variants = [c for c in cases if c.key.startswith("f_")]
     return [c for c in cases if c not in variants] + rotated(variants, rnd)
+
+
+def stolen_by_peer(results):
+    """Each peer's `stolen_ms` over all its load measurements, in the
+    order the peers were first measured."""
+    stolen = {}
+    for (_, name), rounds_of_peer in results.items():
+        stolen.setdefault(name, []).extend(r["stolen_ms"] for r in rounds_of_peer)
+    return stolen.items()
 
 
 def rotated(items, rnd):
@@ -809,6 +829,9 @@ def main():
             retaken[name] = retaken.get(name, 0) + sum(r["retaken"] for r in rounds_of_peer)
             kept[name] = kept.get(name, 0) + sum(r["stall_ms"] >= STALL_MS for r in rounds_of_peer)
         notes["measured again, a CPU stood still"] = retaken
+        notes["ms taken by the hypervisor from both CPUs per load measurement, median"] = {
+            name: f"{statistics.median(stolen):.0f}" for name, stolen in stolen_by_peer(results)
+        }
         if any(kept.values()):
             notes["kept although a CPU stood still"] = kept
 

@@ -16,7 +16,7 @@ stood still, for any reason. Every tenth wake-up it also reads the steal
 time of PEER_CPU, where the measured peer runs and where nothing of this
 script's may run. It prints "ready" once started; on SIGTERM it prints
 the longest gap and the most steal time of PEER_CPU within about 100 ms,
-and exits.
+and exits. bench.py also imports `steal_ticks` from it.
 """
 
 import os
@@ -36,29 +36,32 @@ def steal_ticks(cpu):
     raise SystemExit(f"no cpu{cpu} in /proc/stat")
 
 
-stopped = False
+def main():
+    stopped = False
+
+    def stop(_signum, _frame):
+        nonlocal stopped
+        stopped = True
+
+    peer_cpu = sys.argv[1]
+    signal.signal(signal.SIGTERM, stop)
+    steals = [steal_ticks(peer_cpu)] * 3
+    print("ready", flush=True)
+    last = time.monotonic()
+    longest = 0.0
+    most_stolen = 0
+    wakeups = 0
+    while not stopped:
+        time.sleep(0.005)
+        now = time.monotonic()
+        longest = max(longest, now - last)
+        last = now
+        wakeups += 1
+        if wakeups % 10 == 0:
+            steals = steals[1:] + [steal_ticks(peer_cpu)]
+            most_stolen = max(most_stolen, steals[-1] - steals[0])
+    print(f"{longest * 1000:.1f} {most_stolen * TICK_MS:.0f}", flush=True)
 
 
-def stop(_signum, _frame):
-    global stopped
-    stopped = True
-
-
-peer_cpu = sys.argv[1]
-signal.signal(signal.SIGTERM, stop)
-steals = [steal_ticks(peer_cpu)] * 3
-print("ready", flush=True)
-last = time.monotonic()
-longest = 0.0
-most_stolen = 0
-wakeups = 0
-while not stopped:
-    time.sleep(0.005)
-    now = time.monotonic()
-    longest = max(longest, now - last)
-    last = now
-    wakeups += 1
-    if wakeups % 10 == 0:
-        steals = steals[1:] + [steal_ticks(peer_cpu)]
-        most_stolen = max(most_stolen, steals[-1] - steals[0])
-print(f"{longest * 1000:.1f} {most_stolen * TICK_MS:.0f}", flush=True)
+if __name__ == "__main__":
+    main()
