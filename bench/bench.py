@@ -172,7 +172,7 @@ def user_sys_ticks(pid):
     return int(fields[11]), int(fields[12])
 
 
-def stolen_ticks():
+def steal_ticks_both():
     """The steal time of the peers' CPU and the load generator's so far."""
     return steal_ticks(SERVER_CPU) + steal_ticks(CLIENT_CPU)
 
@@ -567,7 +567,7 @@ def measure(setup, case, peer, duration):
                 "--warm-up-time=1", f"--connect-to=127.0.0.1:{port}", url]
         parse = parse_h2load
     before = cpu_ticks(peer.workers)
-    stolen_before = stolen_ticks()
+    stolen_before = steal_ticks_both()
     started = time.monotonic()
     done = subprocess.run(["taskset", "-c", CLIENT_CPU, *argv],
                           capture_output=True, text=True, timeout=duration + 60)
@@ -577,8 +577,9 @@ def measure(setup, case, peer, duration):
     # h2load's warm-up second is outside its figures but inside `elapsed`.
     result["cpu"] = 100.0 * used / elapsed
     # Pauses too short for a retake still move p99: kept, so that rounds
-    # whose p99s differ can be compared with what the hypervisor took.
-    result["stolen_ms"] = (stolen_ticks() - stolen_before) * TICK_MS
+    # whose p99s differ can be compared with what the hypervisor took
+    # (over the load generator's whole run, h2load's warm-up included).
+    result["stolen_ms"] = (steal_ticks_both() - stolen_before) * TICK_MS
     if result.get("errors"):
         log(f"  warning: {peer.name} {case.key}: {result['errors']} errors")
     return result
@@ -658,15 +659,6 @@ def in_round_order(cases, rnd):
     one measured right after the heavier cases."""
     variants = [c for c in cases if c.key.startswith("f_")]
     return [c for c in cases if c not in variants] + rotated(variants, rnd)
-
-
-def stolen_by_peer(results):
-    """Each peer's `stolen_ms` over all its load measurements, in the
-    order the peers were first measured."""
-    stolen = {}
-    for (_, name), rounds_of_peer in results.items():
-        stolen.setdefault(name, []).extend(r["stolen_ms"] for r in rounds_of_peer)
-    return stolen.items()
 
 
 def rotated(items, rnd):
@@ -824,16 +816,17 @@ def main():
                     with open(path, "rb") as f:
                         log_lines[name] += sum(1 for _ in f)
         notes["access log lines"] = log_lines
-        retaken, kept = {}, {}
+        retaken, kept, stolen = {}, {}, {}
         for (_, name), rounds_of_peer in results.items():
             retaken[name] = retaken.get(name, 0) + sum(r["retaken"] for r in rounds_of_peer)
             kept[name] = kept.get(name, 0) + sum(r["stall_ms"] >= STALL_MS for r in rounds_of_peer)
+            stolen.setdefault(name, []).extend(r["stolen_ms"] for r in rounds_of_peer)
         notes["measured again, a CPU stood still"] = retaken
-        notes["ms taken by the hypervisor from both CPUs per load measurement, median"] = {
-            name: f"{statistics.median(stolen):.0f}" for name, stolen in stolen_by_peer(results)
-        }
         if any(kept.values()):
             notes["kept although a CPU stood still"] = kept
+        notes["ms taken by the hypervisor from both CPUs per load measurement, median"] = {
+            name: f"{statistics.median(ms):.0f}" for name, ms in stolen.items()
+        }
 
         if want_e:
             # Fresh processes: memory freed by earlier load would otherwise

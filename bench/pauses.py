@@ -10,8 +10,9 @@ on an interrupt, on a kernel thread, or, on a virtual machine, on nothing
 of this machine's at all, because the hypervisor ran something else.
 `stall_watch.py` catches the pauses of 25 ms and more during a
 measurement; the shorter ones seen here are not retaken, and with 64
-connections held up by each, they are what p99 mostly measures (see
-"p99 at 64 connections" in docs/performance.md).
+connections held up by each, they move p99 by as much as the proxies
+differ (see "p99 in checks of 12 rounds, and the short pauses" in
+docs/performance.md).
 
 It prints one line per CPU: the gaps, their total, how many lasted at
 least 0.5, 1, 2, 5 and 25 ms, and the longest.
@@ -46,7 +47,8 @@ def main():
     procs = [multiprocessing.Process(target=spin, args=(cpu, seconds, out)) for cpu in cpus]
     for p in procs:
         p.start()
-    results = dict(out.get() for _ in procs)
+    # A process that died (say, unable to pin itself) never reports.
+    results = dict(out.get(timeout=seconds + 30) for _ in procs)
     for p in procs:
         p.join()
     for cpu in cpus:

@@ -16,7 +16,7 @@ stood still, for any reason. Every tenth wake-up it also reads the steal
 time of PEER_CPU, where the measured peer runs and where nothing of this
 script's may run. It prints "ready" once started; on SIGTERM it prints
 the longest gap and the most steal time of PEER_CPU within about 100 ms,
-and exits. bench.py also imports `steal_ticks` from it.
+and exits. bench.py also imports `steal_ticks` and `TICK_MS` from it.
 """
 
 import os
