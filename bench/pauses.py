@@ -20,6 +20,7 @@ least 0.5, 1, 2, 5 and 25 ms, and the longest.
 
 import multiprocessing
 import os
+import queue
 import sys
 import time
 
@@ -47,8 +48,10 @@ def main():
     procs = [multiprocessing.Process(target=spin, args=(cpu, seconds, out)) for cpu in cpus]
     for p in procs:
         p.start()
-    # A process that died (say, unable to pin itself) never reports.
-    results = dict(out.get(timeout=seconds + 30) for _ in procs)
+    try:
+        results = dict(out.get(timeout=seconds + 30) for _ in procs)
+    except queue.Empty:
+        sys.exit("pauses.py: a CPU's probe did not report (could it pin itself to its CPU?)")
     for p in procs:
         p.join()
     for cpu in cpus:
