@@ -255,7 +255,22 @@ async fn requests_with_bodies_after_bodiless_ones_on_one_connection() {
 /// Requests it sent ahead of that one are still answered, in order.
 #[tokio::test]
 async fn a_half_close_abandons_only_the_request_it_is_noticed_behind() {
-    let upstream = upstream().await;
+    // `/b` answers only long after the half-close has arrived, however
+    // slowly the test runs: answered, it would show as a second response,
+    // or as a read that outlasts `BOUND`. (Whether `/b` reaches the
+    // upstream before the half-close is noticed is up to timing.)
+    let upstream = Upstream::start(
+        Router::new()
+            .route("/a", get(|| async { "GET /a " }))
+            .route(
+                "/b",
+                get(|| async {
+                    tokio::time::sleep(BOUND * 2).await;
+                    "late"
+                }),
+            ),
+    )
+    .await;
     let proxy = proxy_to(&upstream).await;
     let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
     stream
