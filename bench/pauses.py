@@ -57,7 +57,7 @@ def main():
     for cpu in cpus:
         gaps = results[cpu]
         counts = " ".join(f">={b} ms: {sum(g >= b for g in gaps)}" for b in BOUNDS_MS)
-        print(f"CPU {cpu}: {len(gaps)} gaps over {GAP_NS / 1e6:g} ms in {seconds:g} s, "
+        print(f"CPU {cpu}, {seconds:g} s: gaps over {GAP_NS / 1e6:g} ms: {len(gaps)}, "
               f"{sum(gaps):.1f} ms in all; {counts}; longest {max(gaps, default=0):.2f} ms")
 
 
